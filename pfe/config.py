@@ -1,0 +1,320 @@
+"""ExperimentConfig: one typed, validated config for one training run.
+
+Defaults are the paper's recipe (Sec. V-B) and the readings of ../shared/DESIGN.md.
+Keys are addressed everywhere as dotted paths (``model.side``, ``stage2.w_ro``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pfe.errors import ConfigError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+Dataset = Literal["market1501", "dukemtmcreid", "msmt17", "cuhk03np", "synthreid"]
+Backbone = Literal["resnet18", "resnet50", "resnet101", "resnext101_32x8d", "densenet169"]
+Attention = Literal["none", "seb", "fab", "tsam"]
+Side = Literal["none", "side", "fa", "mfa"]
+SideLoss = Literal["independent", "uniform", "cascade"]
+
+LAYERS = ("F2", "F3", "F4", "F5")
+DEFAULT_EVAL_SETS = ("F2", "F3", "F4", "F5", "F4_F5", "F3_F4_F5", "F2_F3_F4_F5")
+FINAL_SET = "F2_F3_F4_F5"
+RANK_METRICS = ("rank1", "rank5", "rank10", "mAP", "mINP")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """Which dataset, how it is read, sampled and augmented."""
+
+    dataset: Dataset = "market1501"
+    root: str | None = Field(None, description="data root; default: $PFE_DATA, else ./data")
+    cuhk03_split: Literal["detected", "labeled"] = "detected"
+    msmt_version: Literal["v1", "v2"] = "v2"
+    # torchreid and fast-reid both train MSMT17 on train + val (32,621 images); keep that default.
+    msmt_train_includes_val: bool = True
+    height: int = Field(384, ge=32, le=1024)
+    width: int = Field(192, ge=16, le=1024)
+    ids_per_batch: int = Field(8, ge=2, description="P of the PK sampler")
+    images_per_id: int = Field(4, ge=2, description="K of the PK sampler")
+    flip_prob: float = Field(0.5, ge=0.0, le=1.0)
+    erasing_prob: float = Field(0.5, ge=0.0, le=1.0)
+    pad: int = Field(0, ge=0, description="pad + random crop in pixels; 0 = off (the paper's recipe)")
+    skip_corrupt: bool = False
+    workers: int = Field(2, ge=0)
+    cache: Literal["none", "memory", "device"] = Field(
+        "none", description="keep decoded uint8 images in host memory or on the GPU"
+    )
+
+    @property
+    def batch_size(self) -> int:
+        return self.ids_per_batch * self.images_per_id
+
+
+class ModelConfig(_Section):
+    """PFENet: backbone, inline attention, side branches (Sec. IV)."""
+
+    backbone: Backbone = "resnet50"
+    last_stride: Literal[1, 2] = 1
+    pretrained: str = Field("imagenet", description="imagenet | none | path to a state-dict file")
+    attention: Attention = "tsam"
+    reduction: int = Field(16, ge=1, description="r of SEB and FAB")
+    side: Side = "mfa"
+    # C = 128: with the separable 3x3 this gives ~25.7 M params and ~10.2 GMACs for ResNet50 at
+    # 384x192, the closest to Table V's 25.5 M / 9.9 GMACs; C = 256 overshoots the MACs.
+    channels: int = Field(128, ge=8, description="shared width C of the T_s maps")
+    side_dim: int = Field(512, ge=8, description="dimension of F2, F3, F4")
+    separable: bool = Field(False, description="depthwise-separable 3x3 in CONV (the paper's MFA-dagger)")
+    alpha: float = Field(0.05, ge=0.0, le=1.0, description="share of A_s positions masked (Eq. 12)")
+
+
+class _Recipe(_Section):
+    epochs: int = Field(ge=0)
+    lr: float = Field(gt=0.0)
+    milestones: list[int]
+    gamma: float = Field(0.1, gt=0.0, le=1.0)
+    weight_decay: float = Field(5e-4, ge=0.0)
+    warmup_epochs: int = Field(0, ge=0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+
+    @field_validator("milestones")
+    @classmethod
+    def _increasing(cls, value: list[int]) -> list[int]:
+        if any(b <= a for a, b in zip(value, value[1:])) or any(m < 1 for m in value):
+            raise ValueError("milestones must be positive and strictly increasing")
+        return value
+
+
+class Stage1Config(_Recipe):
+    """Stage I: main branch with CE on BN(F5) + batch-hard triplet on F5 (Eq. 6)."""
+
+    epochs: int = Field(120, ge=1)
+    lr: float = Field(3.5e-4, gt=0.0)
+    milestones: list[int] = [40, 70]
+    triplet_margin: float = Field(0.3, gt=0.0)
+
+
+class Stage2Config(_Recipe):
+    """Stage II: frozen main branch, side branches with Eq. (7) + w_ro * Eq. (8) (Eq. 9)."""
+
+    epochs: int = Field(80, ge=0)
+    lr: float = Field(3.5e-5, gt=0.0)
+    milestones: list[int] = [30, 60]
+    loss: SideLoss = "cascade"
+    temperatures: list[float] = Field([10.0, 8.0, 6.0], description="t2, t3, t4 of Eq. (7)")
+    w_ro: float = Field(0.001, ge=0.0, description="region overlap weight (Eq. 9)")
+
+    @field_validator("temperatures")
+    @classmethod
+    def _three_positive(cls, value: list[float]) -> list[float]:
+        if len(value) != 3 or any(t <= 0 for t in value):
+            raise ValueError("temperatures must be three positive numbers: t2, t3, t4")
+        return value
+
+
+class EvalConfig(_Section):
+    """Evaluation during and after training."""
+
+    interval: int = Field(0, ge=0, description="evaluate every N epochs; 0 = at the end of each stage only")
+    sets: list[str] = list(DEFAULT_EVAL_SETS)
+    flip: bool = Field(False, description="average features of the image and its mirror")
+    max_rank: int = Field(50, ge=1)
+    batch_size: int = Field(128, ge=1)
+    rerank: bool = Field(False, description="also report k-reciprocal re-ranked metrics")
+
+    @field_validator("sets")
+    @classmethod
+    def _known_layers(cls, value: list[str]) -> list[str]:
+        for name in value:
+            parts = name.split("_")
+            if not parts or any(p not in LAYERS for p in parts) or len(set(parts)) != len(parts):
+                raise ValueError(f"feature set {name!r}: use layer names {', '.join(LAYERS)} joined by '_'")
+        return value
+
+
+class RuntimeConfig(_Section):
+    """How the run executes. Only seed, precision and deterministic change results."""
+
+    seed: int = Field(0, ge=0)
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on a GPU, fp32 on a CPU")
+    deterministic: bool = False
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    output_dir: str = "runs"
+    progress: bool = True
+    nan_check_every: int = Field(50, ge=1, description="look at the accumulated NaN/Inf flag every N steps")
+
+
+# Keys that never change what a run computes (paths, hosts, devices, logging). They are not
+# hashed and, in MLflow, they are tags rather than params: they may change when a run resumes.
+ENVIRONMENT_KEYS = frozenset(
+    {
+        "data.root",
+        "data.workers",
+        "data.cache",
+        "eval.batch_size",
+        "runtime.device",
+        "runtime.output_dir",
+        "runtime.progress",
+        "runtime.nan_check_every",
+    }
+)
+
+# What determines a stage-I run: data, input size, backbone, last stride, pretrained,
+# attention, the stage-I recipe, precision, seed. Nothing of the side branches or stage II.
+STAGE1_PREFIXES = (
+    "data.",
+    "model.backbone",
+    "model.last_stride",
+    "model.pretrained",
+    "model.attention",
+    "model.reduction",
+    "stage1.",
+    "runtime.seed",
+    "runtime.precision",
+    "runtime.deterministic",
+)
+
+
+class ExperimentConfig(_Section):
+    """Everything that defines one training run (stage I + stage II)."""
+
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    stage1: Stage1Config = Stage1Config()
+    stage2: Stage2Config = Stage2Config()
+    eval: EvalConfig = EvalConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+
+    # ---- flattening and hashing -------------------------------------------------------------
+    def flat(self, *, defining_only: bool = False) -> dict[str, Any]:
+        """Dotted key -> value. ``defining_only`` drops ENVIRONMENT_KEYS."""
+        out = flatten(self.model_dump(mode="json"))
+        if defining_only:
+            out = {k: v for k, v in out.items() if k not in ENVIRONMENT_KEYS}
+        return out
+
+    def _hash(self, keep: Any) -> str:
+        # Only values that differ from the defaults are hashed, so adding a field with a default
+        # never changes an existing key. Changing an existing default is therefore a breaking change.
+        explicit = flatten(self.model_dump(mode="json", exclude_defaults=True))
+        payload = {k: v for k, v in sorted(explicit.items()) if k not in ENVIRONMENT_KEYS and keep(k)}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def stage1_key(self) -> str:
+        """Stable hash of exactly what determines the stage-I run."""
+        return self._hash(lambda k: k.startswith(STAGE1_PREFIXES))
+
+    def config_hash(self) -> str:
+        """Stable hash of the whole experiment-defining config."""
+        return self._hash(lambda k: True)
+
+    @property
+    def final_set(self) -> str:
+        return "F5" if self.model.side == "none" else FINAL_SET
+
+    @property
+    def eval_sets(self) -> list[str]:
+        """The configured feature sets that this model has (F5 only without side branches)."""
+        if self.model.side == "none":
+            return ["F5"]
+        return list(self.eval.sets)
+
+    def with_overrides(self, overrides: dict[str, Any] | list[str], source: str = "<overrides>") -> ExperimentConfig:
+        """A new config with dotted overrides applied and validated."""
+        data = self.model_dump(mode="json")
+        for key, value in _parse_overrides(overrides, source).items():
+            _set_dotted(data, key, value)
+        return validate_config(data, source)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: {part!r} is a value, not a section")
+        node = child
+    node[leaf] = value
+
+
+def _parse_overrides(overrides: dict[str, Any] | list[str], source: str) -> dict[str, Any]:
+    if isinstance(overrides, dict):
+        return dict(overrides)
+    parsed: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{source}: override {item!r} must look like section.key=value")
+        parsed[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+    return parsed
+
+
+def describe_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid config"]
+    for problem in err.errors():
+        key = ".".join(str(p) for p in problem["loc"]) or "(top level)"
+        if problem["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key (misspelled? see `pfe-study train --help-config`)")
+        else:
+            got = problem.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"  {key}: {problem['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def validate_config(data: dict[str, Any], source: str = "<config>") -> ExperimentConfig:
+    """Validate a nested dict; errors become a ConfigError naming ``source`` and dotted keys."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: a config must be a mapping of sections, got {type(data).__name__}")
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(describe_validation_error(err, source)) from None
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Safe-load a YAML file; a missing or malformed file becomes a ConfigError naming it."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read ({err.strerror})") from None
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | list[str] = ()) -> ExperimentConfig:
+    """Load a YAML config (or the defaults) and apply dotted overrides."""
+    source = str(path) if path else "<defaults>"
+    data = read_yaml(path) if path else {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: a config must be a mapping of sections")
+    for key, value in _parse_overrides(list(overrides) if not isinstance(overrides, dict) else overrides, source).items():
+        _set_dotted(data, key, value)
+    return validate_config(data, source)
+
+
+def dump_config(cfg: ExperimentConfig) -> str:
+    """The resolved config as YAML (what MLflow stores as an artifact)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
