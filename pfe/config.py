@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pfe.errors import ConfigError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pfe.errors import ConfigError
 
 Dataset = Literal["market1501", "dukemtmcreid", "msmt17", "cuhk03np", "synthreid"]
 Backbone = Literal["resnet18", "resnet50", "resnet101", "resnext101_32x8d", "densenet169"]
@@ -49,9 +50,6 @@ class DataConfig(_Section):
     pad: int = Field(0, ge=0, description="pad + random crop in pixels; 0 = off (the paper's recipe)")
     skip_corrupt: bool = False
     workers: int = Field(2, ge=0)
-    cache: Literal["none", "memory", "device"] = Field(
-        "none", description="keep decoded uint8 images in host memory or on the GPU"
-    )
 
     @property
     def batch_size(self) -> int:
@@ -128,6 +126,7 @@ class EvalConfig(_Section):
     max_rank: int = Field(50, ge=1)
     batch_size: int = Field(128, ge=1)
     rerank: bool = Field(False, description="also report k-reciprocal re-ranked metrics")
+    at_start: bool = Field(False, description="also evaluate the untrained model (epoch 0 of stage I)")
 
     @field_validator("sets")
     @classmethod
@@ -157,7 +156,6 @@ ENVIRONMENT_KEYS = frozenset(
     {
         "data.root",
         "data.workers",
-        "data.cache",
         "eval.batch_size",
         "runtime.device",
         "runtime.output_dir",

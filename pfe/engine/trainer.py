@@ -1,0 +1,476 @@
+"""The two-stage PFE trainer.
+
+Stage I trains the main branch (backbone + attention + F5 head) with Eq. (6); stage II freezes it
+and trains the side branches with Eq. (9). One function, :func:`train`, runs both, resumes from
+the run folder's checkpoints, and reports each epoch through :class:`TrainHooks`. It knows
+nothing of Ray or MLflow: the study runner wraps it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from bisect import bisect_right
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from pfe import losses
+from pfe.config import ExperimentConfig, _Recipe, dump_config, load_config
+from pfe.data.datasets import ReIDDataset, build_dataset
+from pfe.data.loader import ImageDataset
+from pfe.data.sampler import PKSampler
+from pfe.data.transforms import build_test_transform, build_train_transform
+from pfe.engine import checkpoint as ckpt
+from pfe.engine.evaluation import evaluate_sets, extract_features
+from pfe.errors import PFEError
+from pfe.model import PFENet, build_model
+
+RESULT_FILE = "result.json"
+
+
+class NonFiniteLoss(PFEError):
+    """A loss term became NaN or Inf."""
+
+
+class TrainHooks:
+    """Callbacks of a training run; the default does nothing. The study runner subclasses it."""
+
+    def on_epoch_end(self, stage: int, epoch: int, metrics: dict[str, float], checkpoint: Path | None) -> None:
+        """After each epoch's checkpoint is on disk. ``checkpoint`` is that epoch's file (None for the
+        evaluation of the untrained model, epoch 0)."""
+
+    def on_stage_end(self, stage: int, metrics: dict[str, float], checkpoint: Path) -> None:
+        """After a stage's final checkpoint (``stage{N}/final.pt``) is on disk."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced."""
+
+    workdir: Path
+    metrics: dict[str, float]
+    stage1_metrics: dict[str, float]
+    cmc: dict[str, list[float]] = field(default_factory=dict)
+    device_kind: str = "cpu"
+    wall_s: dict[str, float] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- setup helpers
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PFEError(f"runtime.device={name}: no CUDA device here; use runtime.device=cpu or auto")
+    return device
+
+
+def device_kind(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on a GPU (``auto``), fp32 on a CPU."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def seed_everything(seed: int, deterministic: bool | None = None) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic is None:
+        return
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def lr_factor(recipe: _Recipe) -> Callable[[int], float]:
+    """Linear warmup, then x gamma at each milestone (epochs completed so far)."""
+
+    def factor(epochs_done: int) -> float:
+        warm = min(1.0, (epochs_done + 1) / recipe.warmup_epochs) if recipe.warmup_epochs else 1.0
+        return warm * recipe.gamma ** bisect_right(recipe.milestones, epochs_done)
+
+    return factor
+
+
+def build_optimizer(params: list[nn.Parameter], recipe: _Recipe, device: torch.device) -> torch.optim.Optimizer:
+    return torch.optim.Adam(
+        params, lr=recipe.lr, weight_decay=recipe.weight_decay, fused=device.type == "cuda" or None
+    )
+
+
+def main_branch_state(model: PFENet) -> dict[str, torch.Tensor]:
+    """Parameters and buffers of the main branch (what stage I trains and stage II freezes)."""
+    side_ids = {id(p) for p in model.side_parameters()}
+    side_prefixes = tuple({name.rsplit(".", 1)[0] + "." for name, p in model.named_parameters() if id(p) in side_ids})
+    return {k: v for k, v in model.state_dict().items() if not k.startswith(side_prefixes)}
+
+
+def state_checksum(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's bytes, in key order."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        digest.update(key.encode())
+        digest.update(state[key].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- the run
+class _Run:
+    """One training run's state: data, model, device. Stages are methods."""
+
+    def __init__(self, cfg: ExperimentConfig, workdir: Path, hooks: TrainHooks, log: Callable[[str], None]):
+        self.cfg, self.workdir, self.hooks, self.log = cfg, workdir, hooks, log
+        self.device = resolve_device(cfg.runtime.device)
+        self.amp_dtype = autocast_dtype(cfg.runtime.precision, self.device)
+        seed_everything(cfg.runtime.seed, cfg.runtime.deterministic)
+        self.data: ReIDDataset = build_dataset(cfg.data)
+        self.model = build_model(cfg, self.data.num_train_pids).to(self.device)
+        if self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.train_set = ImageDataset(
+            self.data.train,
+            build_train_transform(cfg.data.height, cfg.data.width, cfg.data.flip_prob, cfg.data.erasing_prob, cfg.data.pad),
+            skip_corrupt=cfg.data.skip_corrupt,
+        )
+        self.sampler = PKSampler(
+            [s.pid for s in self.data.train], cfg.data.ids_per_batch, cfg.data.images_per_id, cfg.runtime.seed
+        )
+        test_tf = build_test_transform(cfg.data.height, cfg.data.width)
+        self.query_set = ImageDataset(self.data.query, test_tf, skip_corrupt=cfg.data.skip_corrupt)
+        self.gallery_set = ImageDataset(self.data.gallery, test_tf, skip_corrupt=cfg.data.skip_corrupt)
+        self.cmc: dict[str, list[float]] = {}
+
+    # -- data
+    def _loader(self, dataset: ImageDataset, **kwargs: Any) -> DataLoader:
+        workers = self.cfg.data.workers
+        return DataLoader(
+            dataset,
+            num_workers=workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
+            prefetch_factor=4 if workers else None,
+            **kwargs,
+        )
+
+    # -- evaluation
+    def evaluate(self, stage: int) -> dict[str, float]:
+        """Query/gallery features of every layer; metrics of each configured set (F5 only in stage I)."""
+        sets = ["F5"] if stage == 1 else self.cfg.eval_sets
+        self.model.eval()
+        bs = self.cfg.eval.batch_size
+
+        def forward(images: torch.Tensor) -> dict[str, torch.Tensor]:
+            with torch.autocast(self.device.type, self.amp_dtype, enabled=self.amp_dtype is not None):
+                feats = self.model.extract(images.to(self.device, non_blocking=True))
+            return {k: v.float() for k, v in feats.items()}
+
+        q_feats, q_pids, q_cams = extract_features(
+            forward, self._loader(self.query_set, batch_size=bs), self.device, flip=self.cfg.eval.flip
+        )
+        g_feats, g_pids, g_cams = extract_features(
+            forward, self._loader(self.gallery_set, batch_size=bs), self.device, flip=self.cfg.eval.flip
+        )
+        args = (q_feats, g_feats, q_pids, g_pids, q_cams, g_cams)
+        metrics, cmc = evaluate_sets(*args, sets=sets, max_rank=self.cfg.eval.max_rank, return_cmc=True)
+        self.cmc = {k: [float(x) for x in v] for k, v in cmc.items()}
+        final = sets[-1] if stage == 1 else self.cfg.final_set
+        if final in sets:
+            for name in ("rank1", "mAP", "mINP"):
+                metrics[name] = metrics[f"eval/{final}/{name}"]
+        if self.data.twins:
+            gallery_ids = set(g_pids.tolist())
+            mask = np.array([self.data.twins.get(int(p), -1) in gallery_ids for p in q_pids])
+            if mask.any():
+                twins, _ = evaluate_sets(
+                    *args, sets=sets, max_rank=self.cfg.eval.max_rank, query_mask=mask, prefix="twins", return_cmc=True
+                )
+                metrics.update(twins)
+        return metrics
+
+    # -- one stage
+    def run_stage(self, stage: int, start_state: dict[str, Any] | None) -> dict[str, float]:
+        cfg, model = self.cfg, self.model
+        recipe = cfg.stage1 if stage == 1 else cfg.stage2
+        model.set_stage(stage)
+        params = list(model.main_branch_parameters()) if stage == 1 else list(model.side_parameters())
+        optimizer = build_optimizer(params, recipe, self.device)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(recipe))
+        first_epoch, metrics = 1, {}
+        # Each stage starts from its own seed, so a stage II is the same whether its stage I ran
+        # in this process or came from a shared checkpoint.
+        seed_everything(cfg.runtime.seed * 10 + stage)
+        if start_state is not None and start_state["stage"] == stage:
+            model.load_state_dict(start_state["model"])
+            optimizer.load_state_dict(start_state["optimizer"])
+            scheduler.load_state_dict(start_state["scheduler"])
+            ckpt.set_rng_state(start_state["rng"])
+            first_epoch = start_state["epoch"] + 1
+            metrics = dict(start_state["metrics"])
+            self.log(f"stage {stage}: resuming after epoch {start_state['epoch']}")
+        elif stage == 1 and cfg.eval.at_start:
+            metrics = self.evaluate(stage)
+            self.hooks.on_epoch_end(stage, 0, metrics, None)
+            self.log(f"stage 1 epoch 0 (untrained): {_summary(metrics)}")
+
+        started = time.perf_counter()
+        for epoch in range(first_epoch, recipe.epochs + 1):
+            epoch_metrics = self._train_epoch(stage, epoch, optimizer, recipe)
+            scheduler.step()
+            if cfg.eval.interval and epoch % cfg.eval.interval == 0 and epoch < recipe.epochs:
+                epoch_metrics.update(self.evaluate(stage))
+            if epoch == recipe.epochs:
+                epoch_metrics.update(self.evaluate(stage))
+            metrics = epoch_metrics
+            path = ckpt.epoch_path(self.workdir, stage, epoch)
+            ckpt.save_atomic(self._state(stage, epoch, optimizer, scheduler, metrics), path)
+            ckpt.prune(self.workdir, stage)
+            self.hooks.on_epoch_end(stage, epoch, metrics, path)
+            done = epoch - first_epoch + 1
+            eta = (time.perf_counter() - started) / done * (recipe.epochs - epoch)
+            self.log(f"stage {stage} epoch {epoch}/{recipe.epochs}  {_summary(metrics)}  ETA {eta:.0f}s")
+
+        if recipe.epochs == 0 or first_epoch > recipe.epochs and not metrics:
+            metrics = self.evaluate(stage)
+        final = ckpt.final_path(self.workdir, stage)
+        ckpt.save_atomic(self._state(stage, recipe.epochs, optimizer, scheduler, metrics), final)
+        self.hooks.on_stage_end(stage, metrics, final)
+        return metrics
+
+    def _train_epoch(
+        self, stage: int, epoch: int, optimizer: torch.optim.Optimizer, recipe: _Recipe
+    ) -> dict[str, float]:
+        cfg, model, device = self.cfg, self.model, self.device
+        self.sampler.set_epoch(epoch)
+        loader = self._loader(self.train_set, batch_sampler=self.sampler)
+        model.train()
+        sums: torch.Tensor | None = None
+        bad: torch.Tensor | None = None
+        names: list[str] = []
+        images_seen, steps = 0, 0
+        started = time.perf_counter()
+        for step, (images, pids, _, _) in enumerate(loader, start=1):
+            images = images.to(device, non_blocking=True)
+            if device.type == "cuda":
+                images = images.contiguous(memory_format=torch.channels_last)
+            pids = pids.to(device, non_blocking=True)
+            with torch.autocast(device.type, self.amp_dtype, enabled=self.amp_dtype is not None):
+                out = model(images, stage=stage)
+            terms = self._losses(stage, out, pids, recipe)
+            optimizer.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            optimizer.step()
+            values = torch.stack([t.detach().float() for t in terms.values()])
+            if sums is None:
+                names = list(terms)
+                sums, bad = torch.zeros_like(values), torch.zeros_like(values, dtype=torch.bool)
+            sums += torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+            bad |= ~torch.isfinite(values)  # accumulated on the device: no host sync per step
+            images_seen += images.shape[0]
+            steps = step
+            if step % cfg.runtime.nan_check_every == 0:
+                self._check_finite(bad, names, stage, epoch)
+        if sums is None:
+            raise PFEError(f"stage {stage} epoch {epoch}: the training set yielded no batch")
+        self._check_finite(bad, names, stage, epoch)
+        elapsed = time.perf_counter() - started
+        means = (sums / steps).tolist()
+        metrics = {f"train/stage{stage}/{name}": value for name, value in zip(names, means)}
+        metrics[f"lr/stage{stage}"] = optimizer.param_groups[0]["lr"]
+        metrics[f"img_per_s/stage{stage}"] = images_seen / elapsed
+        metrics[f"epoch_time_s/stage{stage}"] = elapsed
+        return metrics
+
+    def _losses(self, stage: int, out: Any, pids: torch.Tensor, recipe: _Recipe) -> dict[str, torch.Tensor]:
+        if stage == 1:
+            return losses.stage1_losses(
+                out, pids, margin=self.cfg.stage1.triplet_margin, label_smoothing=recipe.label_smoothing
+            )
+        s2 = self.cfg.stage2
+        return losses.stage2_losses(
+            out, pids, mode=s2.loss, temperatures=s2.temperatures, w_ro=s2.w_ro, label_smoothing=s2.label_smoothing
+        )
+
+    @staticmethod
+    def _check_finite(bad: torch.Tensor | None, names: list[str], stage: int, epoch: int) -> None:
+        if bad is not None and bool(bad.any()):
+            terms = [n for n, b in zip(names, bad.tolist()) if b]
+            raise NonFiniteLoss(
+                f"stage {stage} epoch {epoch}: loss term(s) {', '.join(terms)} became NaN/Inf. The checkpoint of "
+                f"epoch {epoch - 1} is kept; lower the learning rate (stage{stage}.lr) or use runtime.precision=fp32."
+            )
+
+    def _state(self, stage: int, epoch: int, optimizer, scheduler, metrics: dict[str, float]) -> dict[str, Any]:
+        return {
+            "format": "pfe-checkpoint/1",
+            "stage": stage,
+            "epoch": epoch,
+            "model": self.model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": ckpt.rng_state(),
+            "sampler": {"seed": self.sampler.seed, "epoch": epoch},
+            "metrics": {k: float(v) for k, v in metrics.items()},
+            "num_classes": self.data.num_train_pids,
+            "config": dump_config(self.cfg),
+        }
+
+
+def _print_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _quiet(message: str) -> None:
+    pass
+
+
+def _summary(metrics: dict[str, float]) -> str:
+    shown = [k for k in metrics if k.startswith("train/") and k.endswith("/loss")] + [
+        k for k in ("rank1", "mAP") if k in metrics
+    ]
+    return "  ".join(f"{k.split('/')[-2] + ' loss' if k.startswith('train/') else k}={metrics[k]:.3f}" for k in shown)
+
+
+def _find_stage1_final(path: str | Path) -> Path:
+    """A stage-I final checkpoint from a file, a run folder or a Tune checkpoint folder."""
+    path = Path(path)
+    for candidate in (path, path / "stage1" / ckpt.FINAL_FILE, path / ckpt.FINAL_FILE):
+        if candidate.is_file():
+            return candidate
+    raise PFEError(f"{path}: no stage-I checkpoint there (looked for stage1/final.pt and final.pt)")
+
+
+def train(
+    cfg: ExperimentConfig,
+    workdir: str | Path,
+    hooks: TrainHooks | None = None,
+    stage1_from: str | Path | None = None,
+    stages: tuple[int, ...] = (1, 2),
+    log: Callable[[str], None] | None = None,
+) -> TrainResult:
+    """Train (or resume) stage I then stage II in ``workdir``.
+
+    ``stage1_from``: start stage II from this stage-I checkpoint instead of training stage I.
+    ``stages``: which stages to run (the runner trains stage I alone, once per stage-I key).
+    Resumes from the newest checkpoint in ``workdir``; a finished run returns its stored result.
+    """
+    workdir = Path(workdir)
+    hooks = hooks or TrainHooks()
+    if log is None:
+        log = _print_stderr if cfg.runtime.progress else _quiet
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.yaml").write_text(dump_config(cfg))
+    want_stage2 = 2 in stages and cfg.model.side != "none"
+
+    result_file = workdir / RESULT_FILE
+    if result_file.is_file():
+        stored = json.loads(result_file.read_text())
+        if stored.get("config_hash") == cfg.config_hash() and stored.get("stages") == list(stages):
+            log(f"{workdir}: already finished")
+            return TrainResult(workdir=workdir, **{k: v for k, v in stored["result"].items()})
+
+    run = _Run(cfg, workdir, hooks, log)
+    wall: dict[str, float] = {}
+
+    def resume_state(stage: int) -> dict[str, Any] | None:
+        found = ckpt.epoch_checkpoints(workdir, stage)
+        return ckpt.load(found[-1][1]) if found else None
+
+    stage1_final = ckpt.final_path(workdir, 1)
+    if stage1_from is not None:
+        stage1_final = _find_stage1_final(stage1_from)
+    if stage1_final.is_file():
+        state = ckpt.load(stage1_final)
+        run.model.load_state_dict(_with_fresh_side(run.model, state["model"]), strict=True)
+        stage1_metrics = dict(state["metrics"])
+    elif 1 in stages:
+        t0 = time.perf_counter()
+        stage1_metrics = run.run_stage(1, resume_state(1))
+        wall["stage1"] = time.perf_counter() - t0
+    else:
+        raise PFEError(f"{workdir}: stage II needs a stage-I checkpoint; pass stage1_from or train stage I first")
+
+    metrics, cmc = stage1_metrics, run.cmc
+    if want_stage2:
+        t0 = time.perf_counter()
+        metrics = run.run_stage(2, resume_state(2))
+        cmc = run.cmc
+        wall["stage2"] = time.perf_counter() - t0
+
+    result = TrainResult(workdir, metrics, stage1_metrics, cmc, device_kind(run.device), wall)
+    payload = {k: v for k, v in result.__dict__.items() if k != "workdir"}
+    tmp = result_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"config_hash": cfg.config_hash(), "stages": list(stages), "result": payload}))
+    tmp.replace(result_file)
+    return result
+
+
+def _with_fresh_side(model: PFENet, stage1_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The stage-I main branch with this run's own (seeded) side-branch initialisation."""
+    merged = model.state_dict()
+    main = main_branch_state(model)
+    missing = [k for k in main if k not in stage1_state]
+    if missing:
+        raise PFEError(f"stage-I checkpoint lacks {missing[:3]}...: it was trained with another model config")
+    merged.update({k: stage1_state[k] for k in main})
+    return merged
+
+
+# ---------------------------------------------------------------- CLI
+def cli_train(args: argparse.Namespace) -> int:
+    """`pfe-study train [CONFIG] [key=value ...]`."""
+    cfg = load_config(args.config, args.overrides)
+    workdir = Path(args.out) if args.out else Path(cfg.runtime.output_dir) / cfg.config_hash()
+    if args.fresh and workdir.exists():
+        shutil.rmtree(workdir)
+    result = train(cfg, workdir, stage1_from=args.stage1_from)
+    print(f"run folder: {workdir}")
+    width = max((len(k) for k in result.metrics), default=0)
+    for key in sorted(k for k in result.metrics if k.startswith(("eval/", "twins/"))):
+        value = result.metrics[key]
+        print(f"  {key:<{width}}  {value:7.2f}" if math.isfinite(value) else f"  {key:<{width}}  n/a")
+    return 0
+
+
+def load_trained_model(path: str | Path, device: str = "cpu") -> tuple[PFENet, ExperimentConfig]:
+    """The model of a run folder or checkpoint file (newest final stage), in eval mode."""
+    path = Path(path)
+    if path.is_dir():
+        candidates = [ckpt.final_path(path, 2), ckpt.final_path(path, 1), path / ckpt.FINAL_FILE]
+        found = [p for p in candidates if p.is_file()]
+        if not found:
+            raise PFEError(f"{path}: no stage2/final.pt or stage1/final.pt in this folder")
+        path = found[0]
+    state = ckpt.load(path)
+    cfg = load_config_text(state["config"], str(path))
+    model = build_model(cfg.with_overrides({"model.pretrained": "none"}), state["num_classes"])
+    model.load_state_dict(state["model"])
+    model.set_stage(state["stage"])
+    return model.to(device).eval(), cfg
+
+
+def load_config_text(text: str, source: str) -> ExperimentConfig:
+    import yaml
+
+    from pfe.config import validate_config
+
+    return validate_config(yaml.safe_load(text), source)
