@@ -1,0 +1,214 @@
+"""`pfe-study report` on MLflow records with known values, and after the tests' small study."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+
+from pfe.cli import main
+
+GPU = "NVIDIA H100 80GB HBM3"
+STUDY_YAML = """\
+name: toy
+description: three variants x three seeds, written by hand into MLflow
+variants:
+  ResNet50+TSAM: {model.side: none}
+  ResNet50+TSAM+MFA: {model.side: mfa}
+  ResNet50+TSAM+FA: {model.side: fa}
+repeats: 3
+tracking: {uri: "URI"}
+report:
+  title: "Toy table: side branches"
+  rows: variant
+  values: [rank1, mAP]
+  paper: toy_table
+"""
+REFERENCE_YAML = """\
+tables:
+  toy_table:
+    source: "a test table"
+    rows:
+      ResNet50+TSAM: {rank1: 65.9, source: "Sec. X"}
+      ResNet50+TSAM+MFA: {rank1: 71.2, mAP: 58.5, derived: true}
+"""
+
+# variant -> per seed: (status, rank1, mAP, wall_s, device, gpu fraction)
+TRIALS = {
+    "ResNet50+TSAM": [
+        ("finished", 60.0, 50.0, 0.0, GPU, 0.5),
+        ("finished", 62.0, 51.0, 0.0, GPU, 0.5),
+        ("finished", 64.0, 55.0, 0.0, GPU, 0.5),
+    ],
+    "ResNet50+TSAM+MFA": [
+        ("finished", 70.0, 60.0, 360.0, "cpu", 0.0),
+        ("finished", 71.0, 60.0, 720.0, GPU, 0.5),
+        ("finished", 75.0, 60.0, 720.0, GPU, 0.5),
+    ],
+    "ResNet50+TSAM+FA": [
+        ("finished", 68.0, 57.0, 1800.0, "NVIDIA A100-SXM4-40GB", 1.0),
+        ("finished", 69.0, 58.0, 1800.0, "NVIDIA A100-SXM4-40GB", 1.0),
+        ("failed", 10.0, 5.0, 900.0, "NVIDIA A100-SXM4-40GB", 1.0),  # its partial metrics must not count
+    ],
+}
+STAGE1_WALL = {0: 3600.0, 1: 7200.0, 2: 1800.0}  # one stage I per seed on half an H100, shared by 3 trials
+
+
+def _log(client: MlflowClient, run_id: str, metrics: dict[str, list[float]], params: dict[str, str] | None = None):
+    now = int(time.time() * 1000)
+    batch = [Metric(k, v, now + i, i) for k, vals in metrics.items() for i, v in enumerate(vals)]
+    client.log_batch(run_id, metrics=batch, params=[Param(k, v) for k, v in (params or {}).items()])
+
+
+def write_records(uri: str, study_file: Path) -> None:
+    """The runner's MLflow layout (contracts: MLflow records), with known values."""
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("toy")
+    parent = client.create_run(exp, run_name="toy", tags={"pfe.role": "study", "pfe.study": "toy",
+                                                           "pfe.study_file": str(study_file)})
+    pid = parent.info.run_id
+    stage1 = {}
+    for seed, wall in STAGE1_WALL.items():
+        run = client.create_run(exp, run_name=f"stage1-s{seed}", tags={
+            "pfe.role": "stage1", "pfe.study": "toy", "pfe.stage1_key": f"key{seed}", "pfe.seed": str(seed),
+            "pfe.status": "finished", "pfe.epochs_done": "3", "pfe.epochs_asked": "3", "pfe.wall_s": str(wall),
+            "pfe.device_kind": GPU, "pfe.gpu_fraction": "0.5", "pfe.shared_by": "3", "mlflow.parentRunId": pid})
+        _log(client, run.info.run_id, {"train/stage1/loss": [5.0, 4.0 - seed * 0.1, 3.0],
+                                       "train/stage1/ce": [4.0, 3.0, 2.5], "eval/F5/rank1": [61.0 + seed]})
+        client.set_terminated(run.info.run_id, "FINISHED")
+        stage1[seed] = run.info.run_id
+    for variant, seeds in TRIALS.items():
+        side = {"ResNet50+TSAM": "none", "ResNet50+TSAM+MFA": "mfa", "ResNet50+TSAM+FA": "fa"}[variant]
+        for seed, (status, r1, m_ap, wall, device, frac) in enumerate(seeds):
+            done = 3 if status == "finished" else 1
+            run = client.create_run(exp, run_name=f"{variant}-s{seed}", tags={
+                "pfe.role": "trial", "pfe.study": "toy", "pfe.variant": variant, "pfe.seed": str(seed),
+                "pfe.config_hash": f"{side}{seed}", "pfe.stage1_key": f"key{seed}", "pfe.stage1_run_id": stage1[seed],
+                "pfe.status": status, "pfe.epochs_done": str(done), "pfe.epochs_asked": "3", "pfe.wall_s": str(wall),
+                "pfe.device_kind": device, "pfe.gpu_fraction": str(frac), "pfe.host": "test",
+                "pfe.storage_path": "/tmp/x", "mlflow.parentRunId": pid})
+            metrics = {"rank1": [r1], "mAP": [m_ap], "eval/F2_F3_F4_F5/rank1": [r1]}
+            if side != "none":
+                metrics["train/stage2/loss"] = [2.0, 1.5, 1.0][:done]
+            _log(client, run.info.run_id, metrics, params={"model.side": side, "runtime.seed": str(seed)})
+            client.set_terminated(run.info.run_id, "FINISHED" if status == "finished" else "FAILED")
+    client.set_terminated(pid, "FINISHED")
+
+
+def hours(wall_s: float, frac: float = 1.0) -> float:
+    return wall_s * frac / 3600.0
+
+
+@pytest.fixture()
+def toy_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[str, Path]:
+    monkeypatch.chdir(tmp_path)  # reports/paper_reference.yaml of this folder is the reference
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "paper_reference.yaml").write_text(REFERENCE_YAML)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    study = tmp_path / "toy.yaml"
+    study.write_text(STUDY_YAML.replace("URI", uri))
+    write_records(uri, study)
+    return uri, study
+
+
+def test_report_cells_match_hand_computed_values(toy_store: tuple[str, Path], tmp_path: Path) -> None:
+    uri, study = toy_store
+    out = tmp_path / "out"
+    assert main(["report", str(study), "--out", str(out)]) == 0
+    table = pd.read_csv(out / "toy" / "table.csv", index_col="row")
+    assert list(table.index) == ["ResNet50+TSAM", "ResNet50+TSAM+MFA", "ResNet50+TSAM+FA", "total"]
+
+    a, mfa, fa, total = (table.loc[k] for k in table.index)
+    # mean, sample std (ddof 1) and n over the finished seeds
+    assert a["rank1_mean"] == pytest.approx(62.0) and a["rank1_std"] == pytest.approx(2.0) and a["rank1_n"] == 3
+    assert a["mAP_mean"] == pytest.approx(52.0) and a["mAP_std"] == pytest.approx(math.sqrt(7.0))
+    assert mfa["rank1_mean"] == pytest.approx(72.0) and mfa["rank1_std"] == pytest.approx(math.sqrt(7.0))
+    assert mfa["mAP_std"] == pytest.approx(0.0)
+    # the failed seed's partial metrics (rank1 10) are not averaged in; it is counted as failed
+    assert fa["rank1_mean"] == pytest.approx(68.5) and fa["rank1_std"] == pytest.approx(math.sqrt(0.5))
+    assert fa["rank1_n"] == 2 and fa["failed"] == 1 and fa["finished"] == 2
+    assert fa["status"] == "2 of 3 finished, 1 failed"
+    assert a["status"] == "3 of 3 finished" and total["status"] == "8 of 9 finished, 1 failed"
+    # the paper's number and the difference where the reference has one
+    assert a["rank1_paper"] == pytest.approx(65.9) and a["rank1_diff"] == pytest.approx(-3.9)
+    assert mfa["rank1_diff"] == pytest.approx(0.8) and mfa["mAP_diff"] == pytest.approx(1.5)
+    assert math.isnan(fa["rank1_paper"]) and math.isnan(a["mAP_paper"])
+    # cost: own wall time + stage-I wall / shared_by, GPU-hours x fraction, CPU-hours on a CPU
+    stage1_share = sum(hours(w / 3, 0.5) for w in STAGE1_WALL.values())  # per row: one share per seed
+    assert a["gpu_h"] == pytest.approx(stage1_share) and a["cpu_h"] == pytest.approx(0.0)
+    assert mfa["gpu_h"] == pytest.approx(stage1_share + 2 * hours(720, 0.5))
+    assert mfa["cpu_h"] == pytest.approx(hours(360))
+    assert fa["gpu_h"] == pytest.approx(stage1_share + hours(1800) * 2 + hours(900))  # the failed trial's time counts
+    assert total["gpu_h"] == pytest.approx(sum(hours(w, 0.5) for w in STAGE1_WALL.values()) + 0.2 + 1.25)
+    assert total["gpu_h"] == pytest.approx(a["gpu_h"] + mfa["gpu_h"] + fa["gpu_h"])
+    assert total["cpu_h"] == pytest.approx(0.1)
+
+    md = (out / "toy" / "table.md").read_text()
+    assert "62.00 ± 2.00" in md and "72.00 ± 2.65" in md and "68.50 ± 0.71" in md
+    assert "2 of 3 finished, 1 failed" in md and "-3.90" in md and "71.2*" in md
+    assert f"{stage1_share:.3g} GPU-h" in md and "0.783 GPU-h + 0.1 CPU-h" in md and "3.2 GPU-h + 0.1 CPU-h" in md
+    page = (out / "toy" / "index.md").read_text()
+    assert "**failed**, 1 of 3 epochs" in page  # the failed trial is listed, not dropped
+    tex = (out / "toy" / "table.tex").read_text()
+    assert r"\toprule" in tex and r"\midrule" in tex and r"\bottomrule" in tex
+    assert r"62.00 $\pm$ 2.00" in tex and r"ResNet50+TSAM+FA" in tex
+    assert (out / "toy" / "curves_stage1.png").stat().st_size > 5000
+    assert (out / "toy" / "curves_stage2.png").stat().st_size > 5000
+    index = (out / "index.md").read_text()
+    assert "toy/index.md" in index and "toy/table.csv" in index
+    assert (out / "index.html").is_file()
+
+    # no STUDY argument: every study in the store, the layout read from the pfe.study_file tag
+    out2 = tmp_path / "out2"
+    assert main(["report", "--tracking-uri", uri, "--out", str(out2), "--format", "csv"]) == 0
+    again = pd.read_csv(out2 / "toy" / "table.csv", index_col="row")
+    pd.testing.assert_frame_equal(again, table)
+    assert not (out2 / "toy" / "table.md").exists()
+
+
+def test_report_refuses_a_missing_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = f"sqlite:///{tmp_path / 'nothing.db'}"
+    assert main(["report", "--tracking-uri", missing, "--out", str(tmp_path / "o")]) == 2
+    assert "no MLflow store" in capsys.readouterr().err
+    assert not (tmp_path / "nothing.db").exists()
+    assert main(["report", "--tracking-uri", missing, "--format", "pdf"]) == 2
+
+
+def test_report_after_the_tiny_study(request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """After the tests' small study (tests/conftest.py: tiny_study_run), md, csv, tex and plots are written."""
+    if "tiny_study_run" not in request.fixturenames and not _has_fixture(request, "tiny_study_run"):
+        pytest.skip("tests/conftest.py has no tiny_study_run fixture yet")
+    run = request.getfixturevalue("tiny_study_run")
+    study, uri = _study_and_uri(run)
+    out = tmp_path / "reports"
+    args = ["report", str(study), "--out", str(out)] + (["--tracking-uri", uri] if uri else [])
+    assert main(args) == 0
+    folders = [p for p in out.iterdir() if p.is_dir()]
+    assert len(folders) == 1
+    folder = folders[0]
+    for name in ("table.md", "table.csv", "table.tex", "index.md", "curves_stage1.png"):
+        assert (folder / name).is_file(), name
+    table = pd.read_csv(folder / "table.csv")
+    assert table["row"].iloc[-1] == "total" and table["trials"].iloc[-1] >= 1
+    assert (table["cpu_h"].iloc[-1] + table["gpu_h"].iloc[-1]) > 0
+    assert list(folder.glob("*.png"))
+    assert (out / "index.md").is_file() and (out / "index.html").is_file()
+
+
+def _has_fixture(request: pytest.FixtureRequest, name: str) -> bool:
+    return bool(request._fixturemanager.getfixturedefs(name, request.node))  # noqa: SLF001
+
+
+def _study_and_uri(run: object) -> tuple[Path, str | None]:
+    """The fixture's study file and tracking URI, whatever shape it has (object, dict or tuple)."""
+    if isinstance(run, dict):
+        return Path(run.get("study") or run["study_file"]), run.get("tracking_uri") or run.get("uri")
+    if isinstance(run, tuple | list):
+        return Path(run[0]), (str(run[1]) if len(run) > 1 else None)
+    study = getattr(run, "study_file", None) or getattr(run, "study", None) or run.path
+    return Path(study), getattr(run, "tracking_uri", None) or getattr(run, "uri", None)
