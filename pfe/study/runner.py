@@ -1,0 +1,841 @@
+"""`pfe-study run`: a study as Ray Tune trials, tracked in MLflow, resumable.
+
+Order of work (nothing reaches Ray before the study, the data and the tracking store are checked):
+
+1. load and validate the study (every trial's config); ``--dry-run`` stops here;
+2. refuse a local tracking store or local storage on a cluster; check a tracking server answers;
+3. check every dataset is there (a synthreid folder is generated instead), before Ray starts;
+4. the driver creates the MLflow store, experiment and parent run, and reads what earlier runs of
+   this study finished (resume: keyed by stage-I key and trial id = config hash);
+5. phase A: each distinct stage I (stage1_key, which includes the seed) that is not finished yet
+   is one Tune trial; phase B: each stage-II trial starts from its stage-I checkpoint on the study's
+   storage; a trial without side branches only records its stage I's final metrics;
+   a search study runs Optuna (OptunaSearch, optional ASHA) in phase B.
+
+Every trial reports each epoch with a checkpoint (``tune.report``); the driver's
+:class:`~pfe.study.tracking.TrackingCallback` writes it to MLflow in one batch. A retried trial
+(FailureConfig) restarts from ``tune.get_checkpoint()``; a rerun study restarts unfinished trials
+from the checkpoint recorded in MLflow (``pfe.checkpoint``), and skips finished ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pfe.config import STAGE1_PREFIXES, ExperimentConfig, dump_config, validate_config
+from pfe.errors import ConfigError, DataError, PFEError
+from pfe.study.spec import StudySpec, Trial, format_plan, load_study, stage1_config
+from pfe.study.tracking import (
+    RunRecord,
+    StudyTracker,
+    check_cluster_rules,
+    check_reachable,
+    per_layer,
+)
+from pfe.study.uris import mask_uri
+
+CHECKPOINT_META = "pfe_checkpoint.json"
+
+
+# ---- CLI ---------------------------------------------------------------------------------------
+def cli_run(args: argparse.Namespace) -> int:
+    """`pfe-study run STUDY [--dry-run] [--address ADDR] [--fresh] [--max-concurrent N]`."""
+    spec = load_study(args.study)
+    if getattr(args, "dry_run", False):
+        print(format_plan(spec))
+        return 0
+    outcome = run_study(
+        spec,
+        address=getattr(args, "address", None),
+        fresh=bool(getattr(args, "fresh", False)),
+        max_concurrent=getattr(args, "max_concurrent", None),
+        simulate=bool(getattr(args, "simulate", False)),
+    )
+    print(outcome.summary())
+    return 0 if outcome.ok else 1
+
+
+@dataclass
+class Outcome:
+    """What a `pfe-study run` did."""
+
+    study: str
+    tracking_uri: str
+    parent_run_id: str = ""
+    finished: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # already finished before this run
+    unfinished: list[str] = field(default_factory=list)
+    wall_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.unfinished
+
+    def summary(self) -> str:
+        lines = [
+            f"study {self.study}: {len(self.finished)} trial(s) finished now, {len(self.skipped)} were already "
+            f"finished, {len(self.unfinished)} unfinished; {self.wall_s:.0f} s",
+            f"MLflow: {mask_uri(self.tracking_uri)} (parent run {self.parent_run_id}); "
+            f"`pfe-study report` builds the table",
+        ]
+        if self.unfinished:
+            lines.append("unfinished: " + "; ".join(self.unfinished) + "  (rerun the same command to resume)")
+        return "\n".join(lines)
+
+
+# ---- the study ---------------------------------------------------------------------------------
+def run_study(
+    spec: StudySpec,
+    *,
+    address: str | None = None,
+    fresh: bool = False,
+    max_concurrent: int | None = None,
+    simulate: bool = False,
+    num_cpus: int | None = None,
+) -> Outcome:
+    """Run (or resume) a study; returns what happened. Raises PFEError before any trial on bad input."""
+    started = time.perf_counter()
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    uri, storage = spec.tracking_uri, spec.storage_path
+    check_cluster_rules(uri, storage, address)
+    check_reachable(uri)
+    trials = spec.expand()
+    if spec.search and len(trials) != 1:
+        raise ConfigError(
+            f"{spec.source}: search: a search study takes one base trial (no variants, axes or repeats > 1); "
+            f"this one expands to {len(trials)}"
+        )
+    if not simulate:
+        prepare_data(spec, trials)
+
+    tracker = StudyTracker(uri, spec.experiment, spec.name, str(Path(spec.source).resolve()))
+    parent_id, resumed = tracker.open_parent(
+        fresh=fresh, tags={"pfe.storage_path": mask_uri(storage), "pfe.description": spec.description[:5000]}
+    )
+    outcome = Outcome(spec.name, uri, parent_id)
+    print(
+        f"study {spec.name}: {'resuming' if resumed else 'starting'}; MLflow {mask_uri(uri)} experiment "
+        f"{spec.experiment!r} parent run {parent_id}; storage {mask_uri(storage)}",
+        flush=True,
+    )
+    status = "failed"
+    ray_started = False
+    try:
+        plan = Plan(spec, trials, tracker, simulate=simulate)
+        outcome.skipped = plan.already_finished()
+        if plan.nothing_to_do():
+            print(f"study {spec.name}: every trial is already finished; nothing to run (--fresh starts over)")
+            status = "finished"
+            return outcome
+        ray_started = _init_ray(address, num_cpus)
+        _check_resources(spec, address)
+        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # evaluation metrics come every N epochs
+        plan.run_stage1(max_concurrent)
+        plan.record_stage1_only_trials()
+        plan.run_stage2(max_concurrent)
+        outcome.finished, outcome.unfinished = plan.results()
+        status = "finished" if not outcome.unfinished else "incomplete"
+        return outcome
+    finally:
+        outcome.wall_s = time.perf_counter() - started
+        tracker.close_parent(status)
+        if ray_started:
+            import ray
+
+            ray.shutdown()
+
+
+def prepare_data(spec: StudySpec, trials: list[Trial]) -> None:
+    """Every dataset the trials read must be there before Ray starts (a synthreid folder is generated)."""
+    seen: set[str] = set()
+    for trial in trials:
+        data = trial.cfg.data
+        ident = json.dumps(data.model_dump(mode="json", include={"dataset", "root", "cuhk03_split", "msmt_version"}))
+        if ident in seen:
+            continue
+        seen.add(ident)
+        if data.dataset == "synthreid" and data.root and not (Path(data.root) / "manifest.json").is_file():
+            from pfe.data.synth import generate_synthreid
+
+            sizes = spec.synthetic.model_dump() if spec.synthetic else {}
+            print(f"generating synthreid data in {data.root} ({sizes or 'default sizes'}) ...", flush=True)
+            generate_synthreid(data.root, **sizes)
+        from pfe.data.datasets import build_dataset
+
+        try:
+            dataset = build_dataset(data)
+        except DataError as err:
+            raise DataError(f"{spec.source}: trial {trial.label!r} (data.dataset={data.dataset}): {err}") from None
+        if not dataset.train or not dataset.query or not dataset.gallery:
+            raise DataError(
+                f"{spec.source}: data.dataset={data.dataset} at {data.root or '$PFE_DATA'}: an empty split "
+                f"({dataset.stats()}); check the folder"
+            )
+
+
+def _init_ray(address: str | None, num_cpus: int | None) -> bool:
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=True)
+    return True
+
+
+def _check_resources(spec: StudySpec, address: str | None) -> None:
+    """A trial asking for more than the cluster has would wait PENDING forever: refuse (or shrink, locally)."""
+    import ray
+
+    total = ray.cluster_resources()
+    gpus, cpus = float(total.get("GPU", 0)), float(total.get("CPU", 0))
+    if spec.resources.gpu > gpus:
+        raise ConfigError(
+            f"{spec.source}: resources.gpu: each trial asks for {spec.resources.gpu:g} GPU but the Ray cluster has "
+            f"{gpus:g}; set `resources: {{gpu: 0}}` to train on the CPU (slow), or run on a GPU machine/cluster"
+        )
+    if spec.resources.cpu > cpus:
+        if address:
+            raise ConfigError(
+                f"{spec.source}: resources.cpu: each trial asks for {spec.resources.cpu:g} CPUs; the cluster has {cpus:g}"
+            )
+        print(f"note: resources.cpu {spec.resources.cpu:g} > this machine's {cpus:g} CPUs; using {cpus:g} per trial")
+        spec.resources.cpu = cpus
+
+
+# ---- planning and the two phases ---------------------------------------------------------------
+def _stage1_params(cfg: ExperimentConfig) -> dict[str, Any]:
+    return {k: v for k, v in cfg.flat(defining_only=True).items() if k.startswith(STAGE1_PREFIXES)}
+
+
+def _env_tags(cfg: ExperimentConfig) -> dict[str, str]:
+    """Config keys that do not define the experiment (paths, devices) are tags: they may change on a resume."""
+    flat = cfg.flat()
+    return {
+        k: json.dumps(v) if not isinstance(v, str) else v
+        for k, v in flat.items()
+        if k not in cfg.flat(defining_only=True)
+    }
+
+
+def _host() -> str:
+    return socket.gethostname()
+
+
+class Plan:
+    """Which stage-I runs and trials still need work, and the Tune runs that do it."""
+
+    def __init__(self, spec: StudySpec, trials: list[Trial], tracker: StudyTracker, simulate: bool = False):
+        self.spec, self.trials, self.tracker, self.simulate = spec, trials, tracker, simulate
+        self.search = spec.search is not None
+        self.full_trials = self.search and spec.search_touches_stage1()
+        self.groups: dict[str, list[Trial]] = {}
+        for trial in trials:
+            self.groups.setdefault(trial.stage1_key, []).append(trial)
+        self.gpu = spec.resources.gpu
+        self.unfinished_now: list[str] = []
+        self.already_finished_at_start: list[str] = []
+
+    # -- bookkeeping
+    def _trial_done(self, trial: Trial) -> bool:
+        rec = self.tracker.get("trial", trial.trial_id)
+        return rec is not None and rec.status == "finished"
+
+    def _stage1_done(self, key: str) -> bool:
+        rec = self.tracker.get("stage1", key)
+        return rec is not None and rec.status == "finished" and bool(rec.checkpoint or self.simulate)
+
+    def already_finished(self) -> list[str]:
+        if self.search:
+            return [
+                r.key for (role, _), r in self.tracker.records.items() if role == "trial" and r.status == "finished"
+            ]
+        return [t.label + f" seed {t.seed}" for t in self.trials if self._trial_done(t)]
+
+    def nothing_to_do(self) -> bool:
+        if self.search:
+            return self._search_remaining() == 0
+        return all(self._trial_done(t) for t in self.trials)
+
+    def results(self) -> tuple[list[str], list[str]]:
+        finished, unfinished = [], list(self.unfinished_now)
+        if self.search:
+            runs = [r for (role, _), r in self.tracker.records.items() if role == "trial"]
+            finished = [r.tags.get("pfe.label", r.key) for r in runs if r.status == "finished"]
+            unfinished += [
+                f"{r.tags.get('pfe.label', r.key)} ({r.status})"
+                for r in runs
+                if r.status not in ("finished",) and r.tags.get("pfe.stopped_early") != "1"
+            ]
+            return finished, unfinished
+        skipped = set(self.already_finished_at_start)
+        for t in self.trials:
+            name = t.label + f" seed {t.seed}"
+            rec = self.tracker.get("trial", t.trial_id)
+            if rec is not None and rec.status == "finished":
+                if name not in skipped:
+                    finished.append(name)
+            elif not any(name in u for u in unfinished):
+                unfinished.append(f"{name} ({rec.status if rec else 'not started'})")
+        return finished, unfinished
+
+    # -- common payload
+    def _payload(self, role: str, key: str, cfg: ExperimentConfig, stages: list[int], **extra: Any) -> dict[str, Any]:
+        epochs = {1: cfg.stage1.epochs, 2: cfg.stage2.epochs if cfg.model.side != "none" else 0}
+        return {
+            "role": role,
+            "key": key,
+            "cfg": cfg.model_dump(mode="json"),
+            "stages": stages,
+            "epochs_asked": sum(epochs[s] for s in stages),
+            "step_offset": 0,
+            "stage1_uri": None,
+            "resume_uri": None,
+            "simulate": self.simulate,
+            **extra,
+        }
+
+    def _common_tags(self, seed: int) -> dict[str, str]:
+        return {
+            "pfe.seed": str(seed),
+            "pfe.gpu_fraction": f"{self.gpu:g}",
+            "pfe.host": _host(),
+            "pfe.storage_path": mask_uri(self.spec.storage_path),
+        }
+
+    # -- phase A: one Tune trial per unfinished stage I
+    def run_stage1(self, max_concurrent: int | None) -> None:
+        self.already_finished_at_start = self.already_finished()
+        if self.full_trials:
+            return
+        payloads = []
+        for key, members in self.groups.items():
+            todo = [t for t in members if not self._trial_done(t)]
+            if not todo or self._stage1_done(key):
+                continue
+            cfg = stage1_config(members[0].cfg)
+            rec = self.tracker.get("stage1", key)
+            payloads.append(self._payload("stage1", key, cfg, [1], resume_uri=rec.checkpoint if rec else None))
+        if payloads:
+            print(f"phase A: {len(payloads)} stage-I run(s)", flush=True)
+            self._tune("stage1", payloads, max_concurrent)
+
+    def _open_stage1(self, payload: dict[str, Any]) -> RunRecord:
+        key = payload["key"]
+        cfg = validate_config(payload["cfg"])
+        members = self.groups.get(key, [])
+        tags = {
+            **self._common_tags(cfg.runtime.seed),
+            "pfe.stage1_key": key,
+            "pfe.epochs_asked": str(payload["epochs_asked"]),
+            "pfe.shared_by": str(len(members)),
+            "pfe.label": f"stage I {cfg.model.backbone}+{cfg.model.attention} {cfg.data.dataset} seed {cfg.runtime.seed}",
+            **_env_tags(cfg),
+        }
+        name = f"stage1-{cfg.model.backbone}-{cfg.model.attention}-{cfg.data.dataset}-s{cfg.runtime.seed}"
+        return self.tracker.open_run(
+            "stage1", key, name, tags, params=_stage1_params(cfg), texts={"config.yaml": dump_config(cfg)}
+        )
+
+    # -- trials without a stage II: their stage I's results are their results
+    def record_stage1_only_trials(self) -> None:
+        if self.search:
+            return
+        for trial in self.trials:
+            if trial.has_stage2 or self._trial_done(trial):
+                continue
+            s1 = self.tracker.get("stage1", trial.stage1_key)
+            if s1 is None or s1.status != "finished":
+                continue
+            rec = self._open_trial(trial.cfg, trial, s1)
+            run = self.tracker.client.get_run(s1.run_id)
+            final = {
+                k: v
+                for k, v in run.data.metrics.items()
+                if k.startswith(("eval/", "twins/")) or k in ("rank1", "mAP", "mINP")
+            }
+            for name in ("rank1", "mAP", "mINP"):
+                if name not in final and f"eval/F5/{name}" in final:
+                    final[name] = final[f"eval/F5/{name}"]
+            self.tracker.log_step(rec, final, trial.cfg.stage1.epochs)
+            self.tracker.log_text(rec, json.dumps(per_layer(final), indent=1), "per_layer.json")
+            self.tracker.end_run(
+                rec,
+                "finished",
+                {
+                    "pfe.epochs_done": "0",
+                    "pfe.epochs_asked": "0",
+                    "pfe.wall_s": "0",
+                    "pfe.device_kind": s1.tags.get("pfe.device_kind", ""),
+                    "pfe.gpu_fraction": s1.tags.get("pfe.gpu_fraction", f"{self.gpu:g}"),
+                },
+            )
+
+    def _open_trial(
+        self, cfg: ExperimentConfig, trial: Trial | None, s1: RunRecord | None, **extra_tags: str
+    ) -> RunRecord:
+        variant = (trial.variant if trial else "") or "base"
+        label = trial.label if trial else "search " + ", ".join(f"{k}={v}" for k, v in extra_tags.items() if "." in k)
+        tags = {
+            **self._common_tags(cfg.runtime.seed),
+            "pfe.variant": variant,
+            "pfe.label": label,
+            "pfe.trial_id": cfg.config_hash(),
+            "pfe.config_hash": cfg.config_hash(),
+            "pfe.stage1_key": cfg.stage1_key(),
+            "pfe.stage1_run_id": s1.run_id if s1 else "",
+            "pfe.epochs_asked": str(cfg.stage2.epochs if cfg.model.side != "none" else 0),
+            **_env_tags(cfg),
+        }
+        tags.update({k: v for k, v in extra_tags.items() if k.startswith("pfe.")})
+        if trial is not None and trial.axes:
+            tags["pfe.axes"] = json.dumps(trial.axes)
+        name = f"{variant if trial and trial.variant else label}-s{cfg.runtime.seed}"[:250]
+        return self.tracker.open_run(
+            "trial",
+            cfg.config_hash(),
+            name,
+            tags,
+            params=cfg.flat(defining_only=True),
+            texts={"config.yaml": dump_config(cfg)},
+        )
+
+    # -- phase B: stage-II trials (or a search)
+    def run_stage2(self, max_concurrent: int | None) -> None:
+        if self.search:
+            self._run_search(max_concurrent)
+            return
+        payloads = []
+        for trial in self.trials:
+            if not trial.has_stage2 or self._trial_done(trial):
+                continue
+            s1 = self.tracker.get("stage1", trial.stage1_key)
+            if not self._stage1_done(trial.stage1_key) or s1 is None:
+                self.unfinished_now.append(f"{trial.label} seed {trial.seed} (its stage I did not finish)")
+                continue
+            rec = self.tracker.get("trial", trial.trial_id)
+            payloads.append(
+                self._payload(
+                    "trial",
+                    trial.trial_id,
+                    trial.cfg,
+                    [2],
+                    stage1_uri=s1.checkpoint,
+                    resume_uri=rec.checkpoint if rec else None,
+                    stage1_run_id=s1.run_id,
+                    index=self.trials.index(trial),
+                )
+            )
+        if payloads:
+            print(f"phase B: {len(payloads)} stage-II trial(s)", flush=True)
+            self._tune("stage2", payloads, max_concurrent)
+
+    def _open_payload_trial(self, payload: dict[str, Any]) -> RunRecord:
+        cfg = validate_config(payload["cfg"])
+        trial = self.trials[payload["index"]] if payload.get("index") is not None else None
+        s1 = self.tracker.get("stage1", cfg.stage1_key()) if payload.get("stage1_run_id") else None
+        extra = {}
+        if payload.get("search_values"):
+            extra = {k: json.dumps(v) for k, v in payload["search_values"].items()}
+            extra["pfe.search"] = "1"
+        return self._open_trial(cfg, trial, s1, **extra)
+
+    # -- search (Optuna via OptunaSearch, optional ASHA)
+    def _search_runs(self) -> list[RunRecord]:
+        return [
+            r for (role, _), r in self.tracker.records.items() if role == "trial" and r.tags.get("pfe.search") == "1"
+        ]
+
+    def _search_remaining(self) -> int:
+        assert self.spec.search is not None
+        done = [r for r in self._search_runs() if r.status == "finished" or r.tags.get("pfe.stopped_early") == "1"]
+        return max(0, self.spec.search.num_samples - len(done))
+
+    def _run_search(self, max_concurrent: int | None) -> None:
+        search = self.spec.search
+        assert search is not None
+        base = self.trials[0]
+        stages = [1, 2] if self.full_trials else [2]
+        s1 = None
+        if not self.full_trials:
+            s1 = self.tracker.get("stage1", base.stage1_key)
+            if not self._stage1_done(base.stage1_key) or s1 is None:
+                self.unfinished_now.append("the search's stage I did not finish")
+                return
+        space = {k: d.to_optuna() for k, d in search.space.items()}
+        done, pending = [], []
+        resume: dict[str, str] = {}
+        for rec in self._search_runs():
+            params = self.tracker.client.get_run(rec.run_id).data.params
+            point = {k: json.loads(params[k]) for k in search.space if k in params}
+            if len(point) != len(search.space):
+                continue
+            if rec.status == "finished" or rec.tags.get("pfe.stopped_early") == "1":
+                value = self.tracker.client.get_run(rec.run_id).data.metrics.get(self.spec.metric)
+                done.append((point, value, rec.status != "finished"))
+            else:
+                pending.append(point)
+                if rec.checkpoint:
+                    resume[rec.key] = rec.checkpoint
+        remaining = self._search_remaining()
+        if remaining == 0:
+            return
+        searcher = _OptunaSearch(
+            space=space,
+            metric=self.spec.metric,
+            mode=self.spec.mode,
+            sampler=_sampler(search.sampler, search.seed),
+            points_to_evaluate=pending[:remaining] or None,
+        )
+        for point, value, pruned in done:
+            if value is not None:
+                searcher.add_evaluated_point(point, value, pruned=pruned)
+        scheduler = None
+        if search.scheduler:
+            epochs = base.cfg.stage2.epochs + (base.cfg.stage1.epochs if self.full_trials else 0)
+            from ray.tune.schedulers import ASHAScheduler
+
+            scheduler = ASHAScheduler(
+                time_attr="pfe_step",
+                metric=self.spec.metric,
+                mode=self.spec.mode,
+                max_t=search.scheduler.max_t or epochs,
+                grace_period=search.scheduler.grace_period,
+                reduction_factor=search.scheduler.reduction_factor,
+            )
+        payload = self._payload(
+            "trial",
+            "",
+            base.cfg,
+            stages,
+            stage1_uri=s1.checkpoint if s1 else None,
+            stage1_run_id=s1.run_id if s1 else None,
+            resume_map=resume,
+            search_keys=list(search.space),
+        )
+        if self.full_trials:
+            payload["step_offset"] = 0
+        print(f"phase B: search, {remaining} sample(s) ({len(done)} done before)", flush=True)
+        self._tune(
+            "search",
+            None,
+            max_concurrent,
+            param_space={"pfe": payload},
+            tune_config=dict(search_alg=searcher, scheduler=scheduler, num_samples=remaining),
+        )
+
+    # -- Tune
+    def _tune(
+        self,
+        phase: str,
+        payloads: list[dict[str, Any]] | None,
+        max_concurrent: int | None,
+        param_space: dict[str, Any] | None = None,
+        tune_config: dict[str, Any] | None = None,
+    ) -> None:
+        from ray import tune
+
+        from pfe.study.tracking import make_tracking_callback
+
+        spec = self.spec
+        callback = make_tracking_callback(
+            self.tracker,
+            open_run=self._open_for_tune,
+            storage=spec.storage_path,
+            gpu_fraction=spec.resources.gpu,
+            early_stopping=bool(spec.search and spec.search.scheduler),
+        )
+        trainable = tune.with_resources(_trainable, resources={"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
+        concurrency = max_concurrent or spec.max_concurrent
+        if param_space is None:
+            assert payloads is not None
+            param_space = {"pfe": tune.grid_search(payloads)}
+            tune_config = {"num_samples": 1}
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(
+                max_concurrent_trials=concurrency,
+                reuse_actors=True,
+                trial_dirname_creator=_dirname,
+                trial_name_creator=_dirname,
+                **(tune_config or {}),
+            ),
+            run_config=tune.RunConfig(
+                name=f"{spec.name}-{phase}-{time.strftime('%Y%m%d-%H%M%S')}",
+                storage_path=spec.storage_path,
+                failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                callbacks=[callback],
+                verbose=1,
+            ),
+        )
+        tuner.fit()
+
+    def _open_for_tune(self, config: dict[str, Any]) -> tuple[RunRecord, dict[str, Any]]:
+        """Called by the callback when a Tune trial starts: its MLflow run (new or resumed)."""
+        payload = resolve_payload(config)
+        if payload["role"] == "stage1":
+            return self._open_stage1(payload), payload
+        return self._open_payload_trial(payload), payload
+
+
+def _optuna_search_class() -> type:
+    from ray.tune.search.optuna import OptunaSearch
+
+    class OptunaSearchSparse(OptunaSearch):
+        """OptunaSearch that ignores results without the metric (evaluation runs every N epochs)."""
+
+        def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+            if isinstance(self.metric, str) and self.metric in result:
+                super().on_trial_result(trial_id, result)
+
+    return OptunaSearchSparse
+
+
+def _OptunaSearch(**kwargs: Any) -> Any:  # noqa: N802 - a class factory (Ray imported lazily)
+    return _optuna_search_class()(**kwargs)
+
+
+def _sampler(name: str, seed: int | None) -> Any:
+    import optuna
+
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed)
+    if name == "qmc":
+        return optuna.samplers.QMCSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def _dirname(trial: Any) -> str:
+    payload = trial.config.get("pfe", {})
+    key = payload.get("key") or "search"
+    return f"{payload.get('role', 'trial')}_{key[:10]}_{trial.trial_id}"
+
+
+def resolve_payload(config: dict[str, Any]) -> dict[str, Any]:
+    """The trial's payload with a search sample's values applied to its config (driver and worker alike)."""
+    payload = dict(config["pfe"])
+    keys = payload.get("search_keys") or []
+    if keys:
+        values = {k: config[k] for k in keys if k in config}
+        cfg = validate_config(payload["cfg"]).with_overrides(values, source="<search sample>")
+        payload["cfg"] = cfg.model_dump(mode="json")
+        payload["key"] = cfg.config_hash()
+        payload["search_values"] = values
+        payload["resume_uri"] = (payload.get("resume_map") or {}).get(payload["key"])
+    return payload
+
+
+# ---- the trainable (runs in a Tune worker) -----------------------------------------------------
+class _Reporter:
+    """Turns the engine's epoch hooks into ``tune.report`` calls with a checkpoint."""
+
+    def __init__(self, payload: dict[str, Any], workdir: Path):
+        self.payload, self.workdir = payload, workdir
+        self.started = time.perf_counter()
+        self.pending: dict[str, float] | None = None
+        self.device = "cpu"
+        self.offset = 0
+        cfg = payload["cfg"]
+        self.stage_epochs = {1: cfg["stage1"]["epochs"], 2: cfg["stage2"]["epochs"]}
+        if payload["stages"] == [1, 2]:
+            self.offset = self.stage_epochs[1]  # stage-II steps follow stage I's in one run
+
+    def _fields(self, stage: int, epoch: int) -> dict[str, Any]:
+        step = epoch + (self.offset if stage == 2 else 0)
+        done = step if self.payload["stages"] == [1, 2] else epoch
+        return {
+            "pfe_stage": stage,
+            "pfe_epoch": epoch,
+            "pfe_step": step,
+            "pfe_epochs_done": done,
+            "pfe_elapsed": time.perf_counter() - self.started,
+            "pfe_device": self.device,
+            "pfe_host": socket.gethostname(),
+        }
+
+    def epoch(self, stage: int, epoch: int, metrics: dict[str, float], checkpoint: Path | None) -> None:
+        from ray import tune
+
+        if checkpoint is None or epoch >= self.stage_epochs[stage]:
+            if checkpoint is None:  # epoch 0: the untrained model's evaluation
+                tune.report({**metrics, **self._fields(stage, epoch)})
+            else:
+                self.pending = dict(metrics)  # the last epoch is reported with final.pt (on_stage_end)
+            return
+        self._report_with(stage, epoch, metrics, checkpoint)
+
+    def stage_end(self, stage: int, metrics: dict[str, float], final: Path) -> None:
+        epoch = self.stage_epochs[stage]
+        self._report_with(stage, epoch, self.pending if self.pending is not None else metrics, final)
+        self.pending = None
+
+    def _report_with(self, stage: int, epoch: int, metrics: dict[str, float], path: Path) -> None:
+        from ray import tune
+
+        folder = Path(tempfile.mkdtemp(prefix="ckpt-", dir=self.workdir.parent))
+        try:
+            target = folder / f"stage{stage}" / path.name
+            target.parent.mkdir(parents=True)
+            try:
+                os.link(path, target)
+            except OSError:
+                shutil.copy2(path, target)
+            (folder / CHECKPOINT_META).write_text(
+                json.dumps({"stage": stage, "epoch": epoch, "key": self.payload["key"]})
+            )
+            tune.report(
+                {**metrics, **self._fields(stage, epoch)}, checkpoint=tune.Checkpoint.from_directory(str(folder))
+            )
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def final(self, metrics: dict[str, float], cmc: dict[str, list[float]], wall: dict[str, float]) -> None:
+        from ray import tune
+
+        stage = self.payload["stages"][-1]
+        if stage == 2 and self.payload["cfg"]["model"]["side"] == "none":
+            stage = 1
+        fields = self._fields(stage, self.stage_epochs[stage])
+        tune.report({**metrics, **fields, "pfe_final": 1, "pfe_cmc": json.dumps(cmc)})
+
+
+def _restore(checkpoint: Any, workdir: Path) -> None:
+    """A Tune checkpoint (this trial's, or the one recorded in MLflow) into the run folder."""
+    checkpoint.to_directory(str(workdir))
+    (workdir / CHECKPOINT_META).unlink(missing_ok=True)
+    for stage_dir in workdir.glob("stage[12]"):
+        final = stage_dir / "final.pt"
+        if final.is_file():
+            # the engine resumes from epoch files: a stage that ended is its final state at its last epoch
+            meta_epoch = _last_epoch_of(final)
+            if meta_epoch is not None:
+                link = stage_dir / f"epoch_{meta_epoch:04d}.pt"
+                if not link.exists():
+                    os.link(final, link)
+
+
+def _last_epoch_of(final: Path) -> int | None:
+    from pfe.engine import checkpoint as ckpt
+
+    try:
+        return int(ckpt.load(final)["epoch"])
+    except (PFEError, KeyError, ValueError):
+        return None
+
+
+def _trainable(config: dict[str, Any]) -> None:
+    """One Tune trial: a stage I, a stage II from a shared stage I, or both (a search over stage-I keys)."""
+    from ray import tune
+
+    payload = resolve_payload(config)
+    if payload.get("simulate"):
+        _simulated(payload)
+        return
+    from pfe.engine.trainer import TrainHooks, device_kind, resolve_device, train
+
+    cfg = validate_config(payload["cfg"])
+    root = Path(tempfile.gettempdir()) / "pfe-trials" / f"{payload['role']}-{payload['key'][:16]}-{os.getpid()}"
+    workdir = root / "run"
+    shutil.rmtree(root, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    reporter = _Reporter(payload, workdir)
+    reporter.device = device_kind(resolve_device(cfg.runtime.device))
+    try:
+        checkpoint = tune.get_checkpoint()
+        if checkpoint is None and payload.get("resume_uri"):
+            checkpoint = tune.Checkpoint(payload["resume_uri"])
+        if checkpoint is not None:
+            _restore(checkpoint, workdir)
+        stage1_from = None
+        if payload.get("stage1_uri"):
+            stage1_dir = root / "stage1_from"
+            tune.Checkpoint(payload["stage1_uri"]).to_directory(str(stage1_dir))
+            stage1_from = stage1_dir
+
+        class Hooks(TrainHooks):
+            def on_epoch_end(self, stage: int, epoch: int, metrics: dict[str, float], checkpoint: Path | None) -> None:
+                reporter.epoch(stage, epoch, metrics, checkpoint)
+
+            def on_stage_end(self, stage: int, metrics: dict[str, float], checkpoint: Path) -> None:
+                reporter.stage_end(stage, metrics, checkpoint)
+
+        result = train(cfg, workdir, hooks=Hooks(), stage1_from=stage1_from, stages=tuple(payload["stages"]))
+        reporter.device = result.device_kind
+        reporter.final(result.metrics, result.cmc, result.wall_s)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _simulated(payload: dict[str, Any]) -> None:
+    """`--simulate`: the same reporting path with made-up metrics and tiny checkpoint files (no torch, no data).
+    Checks a cluster, a tracking server and the storage in seconds."""
+    from ray import tune
+
+    root = Path(tempfile.mkdtemp(prefix="pfe-sim-"))
+    workdir = root / "run"
+    workdir.mkdir()
+    reporter = _Reporter(payload, workdir)
+    cfg = payload["cfg"]
+    stages = payload["stages"]
+    start = {1: 1, 2: 1}
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None and payload.get("resume_uri"):
+        checkpoint = tune.Checkpoint(payload["resume_uri"])
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            meta = json.loads((Path(d) / CHECKPOINT_META).read_text())
+        for s in stages:
+            if s < meta["stage"]:
+                start[s] = reporter.stage_epochs[s] + 1
+        start[meta["stage"]] = meta["epoch"] + 1
+    delay = float(os.environ.get("PFE_SIMULATE_EPOCH_S", "0.05"))
+    metrics: dict[str, float] = {}
+    try:
+        for stage in stages:
+            if stage == 2 and cfg["model"]["side"] == "none":
+                continue
+            epochs = reporter.stage_epochs[stage]
+            for epoch in range(start[stage], epochs + 1):
+                time.sleep(delay)
+                seed = cfg["runtime"]["seed"]
+                metrics = {
+                    f"train/stage{stage}/loss": 5.0 / (epoch + seed + 1),
+                    f"train/stage{stage}/ce": 4.0 / (epoch + 1),
+                    f"lr/stage{stage}": 3.5e-4,
+                    f"img_per_s/stage{stage}": 100.0 + epoch,
+                    f"epoch_time_s/stage{stage}": delay,
+                }
+                if epoch == epochs:
+                    sets = ["F5"] if stage == 1 else cfg["eval"]["sets"]
+                    for i, s in enumerate(sets):
+                        for j, m in enumerate(("rank1", "rank5", "rank10", "mAP", "mINP")):
+                            metrics[f"eval/{s}/{m}"] = 50.0 + i + j + cfg["model"]["alpha"] * 10
+                    final_set = sets[-1] if stage == 1 else "F2_F3_F4_F5"
+                    for m in ("rank1", "mAP", "mINP"):
+                        metrics[m] = metrics.get(f"eval/{final_set}/{m}", 50.0)
+                path = workdir / f"stage{stage}" / ("final.pt" if epoch == epochs else f"epoch_{epoch:04d}.pt")
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(b"simulated checkpoint")
+                if epoch == epochs:
+                    reporter.pending = metrics
+                    reporter.stage_end(stage, metrics, path)
+                else:
+                    reporter.epoch(stage, epoch, metrics, path)
+        reporter.final(metrics, {"F5": [0.5, 0.6]}, {})
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

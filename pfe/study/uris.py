@@ -1,0 +1,124 @@
+"""URIs and paths of tracking stores and storage: masking credentials, local vs shared."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from urllib.parse import urlsplit
+
+_CRED = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@:\s]*)(?::(?P<pw>[^/@\s]*))?@")
+_QUERY_SECRET = re.compile(
+    r"(?i)([?&](?:password|passwd|pwd|token|access_token|secret|secret_key|key|api_key|sig|signature)=)[^&\s]*"
+)
+NETWORK_FS = frozenset(
+    {
+        "nfs",
+        "nfs4",
+        "cifs",
+        "smb3",
+        "smbfs",
+        "lustre",
+        "gpfs",
+        "beegfs",
+        "glusterfs",
+        "ceph",
+        "fuse.ceph",
+        "cephfs",
+        "fuse.glusterfs",
+        "fuse.sshfs",
+        "fuse.gcsfuse",
+        "fuse.s3fs",
+        "fuse.juicefs",
+        "9p",
+        "virtiofs",
+        "fuse.mountpoint-s3",
+        "efs",
+        "wekafs",
+        "fuse.weka",
+    }
+)
+
+
+def _mask_userinfo(m: re.Match[str]) -> str:
+    if m.group("pw") is not None:
+        return f"{m.group('scheme')}{m.group('user')}:***@"
+    return f"{m.group('scheme')}***@" if m.group("user") else m.group(0)
+
+
+def mask_uri(uri: str) -> str:
+    """Hide credentials: ``https://u:pw@host`` -> ``https://u:***@host``, ``https://tok@host`` ->
+    ``https://***@host``, and secret query values (``?token=...``) -> ``***``."""
+    return _QUERY_SECRET.sub(r"\1***", _CRED.sub(_mask_userinfo, uri))
+
+
+def mask_text(text: str, secrets: list[str]) -> str:
+    """Mask every URI with credentials in free text (error messages from clients quote URIs)."""
+    for secret in secrets:
+        if secret and secret != mask_uri(secret):
+            text = text.replace(secret, mask_uri(secret))
+    return _QUERY_SECRET.sub(r"\1***", _CRED.sub(_mask_userinfo, text))
+
+
+def absolute_sqlite_uri(uri: str) -> str:
+    """``sqlite:///rel.db`` -> ``sqlite:////abs/rel.db``; a plain folder path -> absolute; others unchanged."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
+        return prefix + str(Path(uri[len(prefix) :]).resolve())
+    if "://" not in uri and not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", uri):
+        return str(Path(uri).resolve())  # a plain folder path: MLflow's file store
+    return uri
+
+
+def tracking_scheme(uri: str) -> str:
+    """``http``, ``https``, ``databricks``, ``sqlite``, ``postgresql``, ``file`` ... (``file`` for a plain path)."""
+    scheme = urlsplit(uri).scheme.lower()
+    if not scheme or (len(scheme) == 1 and os.name == "nt"):
+        return "file"
+    return scheme.split("+", 1)[0]
+
+
+def is_local_tracking(uri: str) -> bool:
+    """A store only this machine can write: a SQLite file or a local folder."""
+    return tracking_scheme(uri) in ("sqlite", "file")
+
+
+def sqlite_path(uri: str) -> Path | None:
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///") :].split("?", 1)[0])
+    return None
+
+
+def filesystem_type(path: str | Path) -> str | None:
+    """The mount type (``ext4``, ``nfs4`` ...) of the mount holding ``path`` (Linux /proc/mounts)."""
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    target = Path(path).resolve()
+    while not target.exists() and target != target.parent:
+        target = target.parent
+    best, best_type = "", None
+    for line in mounts:
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        mount_point = parts[1].replace("\\040", " ")
+        if (str(target) == mount_point or str(target).startswith(mount_point.rstrip("/") + "/")) and len(
+            mount_point
+        ) >= len(best):
+            best, best_type = mount_point, parts[2]
+    return best_type
+
+
+def is_shared_storage(storage: str) -> bool:
+    """A storage path every node of a cluster can reach: a cloud URI, or a network filesystem mount
+    (NFS, Lustre, CephFS, ...). ``PFE_STORAGE_SHARED=1`` vouches for a path this check cannot see."""
+    scheme = urlsplit(storage).scheme.lower()
+    if scheme and scheme != "file" and len(scheme) > 1:
+        return True  # s3://, gs://, abfs://, hdfs:// ...
+    if os.environ.get("PFE_STORAGE_SHARED") == "1":
+        return True
+    path = storage[len("file://") :] if storage.startswith("file://") else storage
+    fs = filesystem_type(path)
+    return fs is not None and (fs in NETWORK_FS or fs.startswith("fuse."))
