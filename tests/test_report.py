@@ -69,29 +69,67 @@ def write_records(uri: str, study_file: Path) -> None:
     """The runner's MLflow layout (contracts: MLflow records), with known values."""
     client = MlflowClient(tracking_uri=uri)
     exp = client.create_experiment("toy")
-    parent = client.create_run(exp, run_name="toy", tags={"pfe.role": "study", "pfe.study": "toy",
-                                                           "pfe.study_file": str(study_file)})
+    parent = client.create_run(
+        exp, run_name="toy", tags={"pfe.role": "study", "pfe.study": "toy", "pfe.study_file": str(study_file)}
+    )
     pid = parent.info.run_id
     stage1 = {}
     for seed, wall in STAGE1_WALL.items():
-        run = client.create_run(exp, run_name=f"stage1-s{seed}", tags={
-            "pfe.role": "stage1", "pfe.study": "toy", "pfe.stage1_key": f"key{seed}", "pfe.seed": str(seed),
-            "pfe.status": "finished", "pfe.epochs_done": "3", "pfe.epochs_asked": "3", "pfe.wall_s": str(wall),
-            "pfe.device_kind": GPU, "pfe.gpu_fraction": "0.5", "pfe.shared_by": "3", "mlflow.parentRunId": pid})
-        _log(client, run.info.run_id, {"train/stage1/loss": [5.0, 4.0 - seed * 0.1, 3.0],
-                                       "train/stage1/ce": [4.0, 3.0, 2.5], "eval/F5/rank1": [61.0 + seed]})
+        run = client.create_run(
+            exp,
+            run_name=f"stage1-s{seed}",
+            tags={
+                "pfe.role": "stage1",
+                "pfe.study": "toy",
+                "pfe.stage1_key": f"key{seed}",
+                "pfe.seed": str(seed),
+                "pfe.status": "finished",
+                "pfe.epochs_done": "3",
+                "pfe.epochs_asked": "3",
+                "pfe.wall_s": str(wall),
+                "pfe.device_kind": GPU,
+                "pfe.gpu_fraction": "0.5",
+                "pfe.shared_by": "3",
+                "mlflow.parentRunId": pid,
+            },
+        )
+        _log(
+            client,
+            run.info.run_id,
+            {
+                "train/stage1/loss": [5.0, 4.0 - seed * 0.1, 3.0],
+                "train/stage1/ce": [4.0, 3.0, 2.5],
+                "eval/F5/rank1": [61.0 + seed],
+            },
+        )
         client.set_terminated(run.info.run_id, "FINISHED")
         stage1[seed] = run.info.run_id
     for variant, seeds in TRIALS.items():
         side = {"ResNet50+TSAM": "none", "ResNet50+TSAM+MFA": "mfa", "ResNet50+TSAM+FA": "fa"}[variant]
         for seed, (status, r1, m_ap, wall, device, frac) in enumerate(seeds):
             done = 3 if status == "finished" else 1
-            run = client.create_run(exp, run_name=f"{variant}-s{seed}", tags={
-                "pfe.role": "trial", "pfe.study": "toy", "pfe.variant": variant, "pfe.seed": str(seed),
-                "pfe.config_hash": f"{side}{seed}", "pfe.stage1_key": f"key{seed}", "pfe.stage1_run_id": stage1[seed],
-                "pfe.status": status, "pfe.epochs_done": str(done), "pfe.epochs_asked": "3", "pfe.wall_s": str(wall),
-                "pfe.device_kind": device, "pfe.gpu_fraction": str(frac), "pfe.host": "test",
-                "pfe.storage_path": "/tmp/x", "mlflow.parentRunId": pid})
+            run = client.create_run(
+                exp,
+                run_name=f"{variant}-s{seed}",
+                tags={
+                    "pfe.role": "trial",
+                    "pfe.study": "toy",
+                    "pfe.variant": variant,
+                    "pfe.seed": str(seed),
+                    "pfe.config_hash": f"{side}{seed}",
+                    "pfe.stage1_key": f"key{seed}",
+                    "pfe.stage1_run_id": stage1[seed],
+                    "pfe.status": status,
+                    "pfe.epochs_done": str(done),
+                    "pfe.epochs_asked": "3",
+                    "pfe.wall_s": str(wall),
+                    "pfe.device_kind": device,
+                    "pfe.gpu_fraction": str(frac),
+                    "pfe.host": "test",
+                    "pfe.storage_path": "/tmp/x",
+                    "mlflow.parentRunId": pid,
+                },
+            )
             metrics = {"rank1": [r1], "mAP": [m_ap], "eval/F2_F3_F4_F5/rank1": [r1]}
             if side != "none":
                 metrics["train/stage2/loss"] = [2.0, 1.5, 1.0][:done]
@@ -212,3 +250,187 @@ def _study_and_uri(run: object) -> tuple[Path, str | None]:
         return Path(run[0]), (str(run[1]) if len(run) > 1 else None)
     study = getattr(run, "study_file", None) or getattr(run, "study", None) or run.path
     return Path(study), getattr(run, "tracking_uri", None) or getattr(run, "uri", None)
+
+
+GRID_YAML = """\
+name: grid
+axes:
+  stage2.loss: [independent, uniform, cascade]
+  model.side: [side, mfa]
+repeats: 2
+tracking: {uri: "URI"}
+report:
+  title: "Grid: loss x side"
+  rows: stage2.loss
+  columns: [model.side]
+  values: [rank1, mAP]
+  paper: grid_table
+"""
+ALPHA_YAML = """\
+name: alpha
+axes:
+  model.alpha: [0.0, 0.05, 0.1]
+repeats: 2
+tracking: {uri: "URI"}
+report: {title: "Fig. 7 (a) toy: alpha", rows: model.alpha, values: [rank1, mAP], paper: fig_alpha, plot: line}
+"""
+LAYERS_YAML = """\
+name: layers
+variants:
+  PFE (ResNet50): {}
+repeats: 2
+tracking: {uri: "URI"}
+report:
+  title: "Fig. 8 toy: layers"
+  rows: variant
+  values: [eval/F2/rank1, eval/F5/rank1, eval/F2_F3_F4_F5/rank1]
+  plot: layers
+"""
+GRID_REFERENCE = """\
+tables:
+  grid_table:
+    rows:
+      cascade / mfa: {rank1: 71.2}
+      cascade: {rank1: 99.0}   # a plain row label never matches a cell of a pivoted table
+    deltas:
+      - {plus: uniform / mfa, minus: uniform / side, rank1: 5.6, source: "Sec. V-C.3"}
+  fig_alpha:
+    chosen: 0.05
+"""
+SETS = ("F2", "F3", "F4", "F5", "F4_F5", "F3_F4_F5", "F2_F3_F4_F5")
+
+
+def record_trials(uri: str, name: str, study_file: Path, trials: list[dict]) -> None:
+    """A parent run, one CPU stage I per seed shared by all of the study's trials, and ``trials``."""
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment(name)
+    pid = client.create_run(exp, tags={"pfe.role": "study", "pfe.study": name, "pfe.study_file": str(study_file)})
+    pid = pid.info.run_id
+    seeds = sorted({t["seed"] for t in trials})
+    stage1 = {}
+    for seed in seeds:
+        tags = {
+            "pfe.role": "stage1",
+            "pfe.study": name,
+            "pfe.seed": str(seed),
+            "pfe.stage1_key": f"k{seed}",
+            "pfe.status": "finished",
+            "pfe.wall_s": "720",
+            "pfe.device_kind": "cpu",
+            "pfe.gpu_fraction": "0",
+            "pfe.shared_by": str(sum(t["seed"] == seed for t in trials)),
+            "mlflow.parentRunId": pid,
+        }
+        stage1[seed] = client.create_run(exp, tags=tags).info.run_id
+        _log(client, stage1[seed], {"train/stage1/loss": [3.0, 2.0, 1.5]})
+    for t in trials:
+        tags = {
+            "pfe.role": "trial",
+            "pfe.study": name,
+            "pfe.variant": t.get("variant", ""),
+            "pfe.seed": str(t["seed"]),
+            "pfe.config_hash": f"{t['params']}{t['seed']}",
+            "pfe.stage1_run_id": stage1[t["seed"]],
+            "pfe.status": "finished",
+            "pfe.epochs_done": "2",
+            "pfe.epochs_asked": "2",
+            "pfe.wall_s": "360",
+            "pfe.device_kind": "cpu",
+            "pfe.gpu_fraction": "0",
+            "mlflow.parentRunId": pid,
+        }
+        run_id = client.create_run(exp, tags=tags).info.run_id
+        _log(
+            client,
+            run_id,
+            {k: [v] for k, v in t["metrics"].items()} | {"train/stage2/loss": [2.0, 1.0]},
+            params=t["params"],
+        )
+        client.set_terminated(run_id)
+
+
+def test_report_pivot_order_deltas_and_plots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "paper_reference.yaml").write_text(GRID_REFERENCE)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    files = {}
+    for name, text in (("grid", GRID_YAML), ("alpha", ALPHA_YAML), ("layers", LAYERS_YAML)):
+        files[name] = tmp_path / f"{name}.yaml"
+        files[name].write_text(text.replace("URI", uri))
+    base = {"independent": 60.0, "uniform": 61.0, "cascade": 62.0}
+    grid = [
+        {
+            "seed": s,
+            "params": {"stage2.loss": loss, "model.side": side},
+            "metrics": {"rank1": base[loss] + (5.0 if side == "mfa" else 0.0) + s, "mAP": base[loss] - 10 + s},
+        }
+        for loss in ("cascade", "uniform", "independent")
+        for side in ("mfa", "side")
+        for s in (0, 1)
+        if not (loss == "cascade" and side == "side") and not (loss == "independent" and side == "mfa" and s == 1)
+    ]
+    record_trials(uri, "grid", files["grid"], grid)
+    alpha = [
+        {
+            "seed": s,
+            "params": {"model.alpha": str(a)},
+            "metrics": {"rank1": 70 - 20 * abs(a - 0.05) + s, "mAP": 55 + 10 * a + s},
+        }
+        for a in (0.1, 0.0, 0.05)
+        for s in (0, 1)
+    ]
+    record_trials(uri, "alpha", files["alpha"], alpha)
+    layers = [
+        {
+            "seed": s,
+            "variant": "PFE (ResNet50)",
+            "params": {"model.side": "mfa"},
+            "metrics": {
+                f"eval/{k}/{m}": 40.0 + 5 * i + s + (0 if m == "rank1" else -15)
+                for i, k in enumerate(SETS)
+                for m in ("rank1", "mAP")
+            },
+        }
+        for s in (0, 1)
+    ]
+    record_trials(uri, "layers", files["layers"], layers)
+
+    out = tmp_path / "out"
+    assert main(["report", *(str(f) for f in files.values()), "--out", str(out)]) == 0
+    table = pd.read_csv(out / "grid" / "table.csv", keep_default_na=False)
+    # the study file's axis order, not the order of the records nor alphabetical
+    cells = list(zip(table["row"], table["model.side"]))
+    assert cells == [
+        ("independent", "side"),
+        ("independent", "mfa"),
+        ("uniform", "side"),
+        ("uniform", "mfa"),
+        ("cascade", "side"),
+        ("cascade", "mfa"),
+        ("total", ""),
+    ]
+    by = {c: r for c, (_, r) in zip(cells, table.iterrows())}
+    assert by[("independent", "mfa")]["status"] == "1 of 2 finished, 1 not started"
+    assert by[("cascade", "side")]["status"] == "0 of 2 finished, 2 not started"
+    assert by[("uniform", "mfa")]["rank1_mean"] == "66.5" and by[("cascade", "mfa")]["rank1_paper"] == "71.2"
+    assert by[("cascade", "side")]["rank1_paper"] == "" and by[("total", "")]["status"] == (
+        "9 of 12 finished, 3 not started"
+    )
+    # each trial: 360 s of its own + its share of its seed's 720 s CPU stage I (5 + 4 trials share them)
+    assert float(by[("total", "")]["cpu_h"]) == pytest.approx((2 * 720 + 9 * 360) / 3600)
+    md = (out / "grid" / "table.md").read_text()
+    assert md.index("| independent") < md.index("| uniform") < md.index("| cascade")
+    assert "mfa: rank-1" in md and "mfa: paper rank-1" in md and "side: paper rank-1" not in md
+    page = (out / "grid" / "index.md").read_text()
+    assert "uniform / mfa - uniform / side" in page and "+5.6" in page and "+5.00" in page
+
+    alpha_table = pd.read_csv(out / "alpha" / "table.csv")
+    assert list(alpha_table["row"]) == ["0.0", "0.05", "0.1", "total"]
+    assert alpha_table["rank1_mean"].iloc[1] == pytest.approx(70.5)
+    assert (out / "alpha" / "fig7_line.png").stat().st_size > 10000
+    assert (out / "layers" / "fig8_layers.png").stat().st_size > 10000
+    layers_md = (out / "layers" / "table.md").read_text()
+    assert "F2 rank-1" in layers_md and "40.50 ± 0.71" in layers_md
+    index = (out / "index.md").read_text()
+    assert all(f"{n}/index.md" in index for n in ("grid", "alpha", "layers"))

@@ -69,15 +69,28 @@ def test_ui_serves_the_study_runs_and_stops_cleanly(tmp_path: Path) -> None:
     exp = client.create_experiment("ui-toy")
     parent = client.create_run(exp, tags={"pfe.role": "study", "pfe.study": "ui-toy", "pfe.study_file": str(study)})
     for variant in ("ResNet50+TSAM", "ResNet50+TSAM+MFA"):
-        run = client.create_run(exp, tags={"pfe.role": "trial", "pfe.study": "ui-toy", "pfe.variant": variant,
-                                           "pfe.seed": "0", "mlflow.parentRunId": parent.info.run_id})
+        run = client.create_run(
+            exp,
+            tags={
+                "pfe.role": "trial",
+                "pfe.study": "ui-toy",
+                "pfe.variant": variant,
+                "pfe.seed": "0",
+                "mlflow.parentRunId": parent.info.run_id,
+            },
+        )
         client.log_metric(run.info.run_id, "rank1", 50.0)
         client.set_terminated(run.info.run_id)
 
     port = free_port()
     t0 = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "pfe.cli", "ui", str(study), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pfe.cli", "ui", str(study), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
     try:
         line = _read_line(proc, "MLflow UI for", timeout=120)
         started = time.monotonic() - t0
@@ -87,8 +100,10 @@ def test_ui_serves_the_study_runs_and_stops_cleanly(tmp_path: Path) -> None:
         assert 1 <= server_procs <= 2, f"expected a lean server (2 processes), found {server_procs}"
         # the study's runs, through the server's REST API
         base = f"http://127.0.0.1:{port}"
-        found = _post(f"{base}/api/2.0/mlflow/runs/search", {
-            "experiment_ids": [exp], "filter": "tags.`pfe.role` = 'trial'", "max_results": 10})
+        found = _post(
+            f"{base}/api/2.0/mlflow/runs/search",
+            {"experiment_ids": [exp], "filter": "tags.`pfe.role` = 'trial'", "max_results": 10},
+        )
         variants = sorted(t["value"] for r in found["runs"] for t in r["data"]["tags"] if t["key"] == "pfe.variant")
         assert variants == ["ResNet50+TSAM", "ResNet50+TSAM+MFA"]
         print(f"ui up in {started:.1f} s with {server_procs} server processes")

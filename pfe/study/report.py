@@ -36,8 +36,13 @@ FINAL_SET = "F2_F3_F4_F5"
 SINGLE_SETS = ("F2", "F3", "F4", "F5")
 CONCAT_SETS = ("F5", "F4_F5", "F3_F4_F5", "F2_F3_F4_F5")
 STATUSES = ("finished", "failed", "incomplete", "running")
-MLFLOW_STATUS = {"FINISHED": "finished", "FAILED": "failed", "KILLED": "incomplete", "RUNNING": "running",
-                 "SCHEDULED": "running"}
+MLFLOW_STATUS = {
+    "FINISHED": "finished",
+    "FAILED": "failed",
+    "KILLED": "incomplete",
+    "RUNNING": "running",
+    "SCHEDULED": "running",
+}
 FORMATS = ("md", "csv", "tex")
 METRIC_NAMES = {"rank1": "rank-1", "rank5": "rank-5", "rank10": "rank-10"}
 REFERENCE_FILE = Path("reports") / "paper_reference.yaml"
@@ -151,7 +156,7 @@ def default_tracking_uri() -> str:
 def check_store(uri: str) -> None:
     """A local SQLite store must exist (MLflow would silently create an empty one)."""
     if uri.startswith("sqlite:///"):
-        path = Path(uri[len("sqlite:///"):])
+        path = Path(uri[len("sqlite:///") :])
         if not path.is_file():
             raise PFEError(
                 f"no MLflow store at {path} (tracking URI {uri}): run `pfe-study run STUDY` first, "
@@ -177,8 +182,9 @@ def _newest(runs: Iterable[Any]) -> Any | None:
     return max(runs, key=lambda r: r.info.start_time or 0) if runs else None
 
 
-def collect_study(client, uri: str, experiment_id: str, name: str, spec: Any | None = None,
-                  study_file: str | None = None) -> StudyRecords:
+def collect_study(
+    client, uri: str, experiment_id: str, name: str, spec: Any | None = None, study_file: str | None = None
+) -> StudyRecords:
     """The newest parent run of study ``name`` in the experiment, its trials and stage-I runs."""
     runs = _search(client, [experiment_id], f"tags.`pfe.study` = '{name}'")
     parents = [r for r in runs if _tag(r, "pfe.role") == "study"]
@@ -202,7 +208,9 @@ def collect_study(client, uri: str, experiment_id: str, name: str, spec: Any | N
     trials = sorted((_newest(v) for v in by_key.values()), key=lambda r: r.info.start_time or 0)
     dropped = len(trials_all) - len(trials)
     if dropped:
-        notes.append(f"{dropped} older record(s) of a trial recorded again (same variant, seed and config) not counted.")
+        notes.append(
+            f"{dropped} older record(s) of a trial recorded again (same variant, seed and config) not counted."
+        )
     # stage-I runs a trial names but that are not among the children (e.g. under another parent)
     for r in trials:
         sid = _tag(r, "pfe.stage1_run_id")
@@ -210,7 +218,9 @@ def collect_study(client, uri: str, experiment_id: str, name: str, spec: Any | N
             try:
                 stage1[sid] = client.get_run(sid)
             except Exception:  # noqa: BLE001 - a missing run is reported, not fatal
-                notes.append(f"stage-I run {sid} named by trial {r.info.run_id} is not in the store: its cost is missing.")
+                notes.append(
+                    f"stage-I run {sid} named by trial {r.info.run_id} is not in the store: its cost is missing."
+                )
                 stage1[sid] = None
     if spec is not None:
         layout = Layout.from_spec(_spec_attr(spec, "report"), name)
@@ -218,9 +228,18 @@ def collect_study(client, uri: str, experiment_id: str, name: str, spec: Any | N
         layout = Layout(title=name)
         if study_file:
             notes.append(f"study file {study_file} not readable here: default layout (variants x rank-1, mAP).")
-    return StudyRecords(name=name, tracking_uri=uri, experiment_id=experiment_id, layout=layout, parent=parent,
-                        trials=trials, stage1={k: v for k, v in stage1.items() if v is not None}, spec=spec,
-                        study_file=study_file, notes=notes)
+    return StudyRecords(
+        name=name,
+        tracking_uri=uri,
+        experiment_id=experiment_id,
+        layout=layout,
+        parent=parent,
+        trials=trials,
+        stage1={k: v for k, v in stage1.items() if v is not None},
+        spec=spec,
+        study_file=study_file,
+        notes=notes,
+    )
 
 
 def records_for_study_file(path: str, tracking_uri: str | None) -> StudyRecords:
@@ -250,7 +269,7 @@ def records_in_store(uri: str) -> list[StudyRecords]:
     ids = [e.experiment_id for e in experiments]
     parents: list[Any] = []
     for i in range(0, len(ids), 100):
-        parents += _search(client, ids[i:i + 100], "tags.`pfe.role` = 'study'")
+        parents += _search(client, ids[i : i + 100], "tags.`pfe.role` = 'study'")
     seen: dict[tuple[str, str], Any] = {}
     for p in sorted(parents, key=lambda r: r.info.start_time or 0):
         seen[(p.info.experiment_id, _tag(p, "pfe.study") or p.info.run_name or p.info.run_id)] = p
@@ -316,12 +335,14 @@ def trial_frame(records: StudyRecords) -> pd.DataFrame:
         status = trial_status(run)
         sid = _tag(run, "pfe.stage1_run_id")
         s1 = records.stage1.get(sid) if sid else None
-        gpu_h, cpu_h = device_hours(_float(_tag(run, "pfe.wall_s")), _tag(run, "pfe.device_kind"),
-                                    _tag(run, "pfe.gpu_fraction"))
+        gpu_h, cpu_h = device_hours(
+            _float(_tag(run, "pfe.wall_s")), _tag(run, "pfe.device_kind"), _tag(run, "pfe.gpu_fraction")
+        )
         if s1 is not None:
             shared = max(_int(_tag(s1, "pfe.shared_by"), 1) or 1, 1)
-            g1, c1 = device_hours(_float(_tag(s1, "pfe.wall_s")) / shared, _tag(s1, "pfe.device_kind"),
-                                  _tag(s1, "pfe.gpu_fraction"))
+            g1, c1 = device_hours(
+                _float(_tag(s1, "pfe.wall_s")) / shared, _tag(s1, "pfe.device_kind"), _tag(s1, "pfe.gpu_fraction")
+            )
             gpu_h, cpu_h = gpu_h + g1, cpu_h + c1
         row: dict[str, Any] = {
             "row": _axis_value(run, layout.rows),
@@ -341,8 +362,20 @@ def trial_frame(records: StudyRecords) -> pd.DataFrame:
             value = run.data.metrics.get(key)
             row[key] = float(value) if value is not None and status == "finished" else math.nan
         rows.append(row)
-    cols = ["row", "variant", "seed", "status", "epochs_done", "epochs_asked", "gpu_h", "cpu_h", "run_id",
-            "stage1_run_id", *[f"col{i}" for i in range(len(layout.columns))], *layout.values]
+    cols = [
+        "row",
+        "variant",
+        "seed",
+        "status",
+        "epochs_done",
+        "epochs_asked",
+        "gpu_h",
+        "cpu_h",
+        "run_id",
+        "stage1_run_id",
+        *[f"col{i}" for i in range(len(layout.columns))],
+        *layout.values,
+    ]
     return pd.DataFrame(rows, columns=cols)
 
 
@@ -357,8 +390,9 @@ def unattributed_stage1(records: StudyRecords) -> tuple[float, float]:
     for sid, s1 in records.stage1.items():
         shared = max(_int(_tag(s1, "pfe.shared_by"), 1) or 1, 1)
         missing = max(shared - used.get(sid, 0), 0)
-        g, c = device_hours(_float(_tag(s1, "pfe.wall_s")) * missing / shared, _tag(s1, "pfe.device_kind"),
-                            _tag(s1, "pfe.gpu_fraction"))
+        g, c = device_hours(
+            _float(_tag(s1, "pfe.wall_s")) * missing / shared, _tag(s1, "pfe.device_kind"), _tag(s1, "pfe.gpu_fraction")
+        )
         gpu_h, cpu_h = gpu_h + g, cpu_h + c
     return gpu_h, cpu_h
 
@@ -390,14 +424,58 @@ def load_reference(path: Path | None = None) -> dict[str, Any]:
 
 
 def paper_values(reference: dict[str, Any], table: str | None, labels: Sequence[str]) -> dict[str, Any]:
-    """The paper's row (metric -> number, plus source/derived notes) for the first label it has."""
+    """The paper's row (metric -> number, plus source/derived notes) for the first label it has.
+
+    Labels compare as numbers where they are numbers (a YAML key 0.05 matches the param "0.05").
+    """
     if not table or table not in reference:
         return {}
-    rows = reference[table].get("rows", {}) or {}
+    rows = {_norm(k): v for k, v in (reference[table].get("rows") or {}).items()}
     for label in labels:
-        if label in rows and isinstance(rows[label], dict):
-            return rows[label]
+        row = rows.get(_norm(label))
+        if isinstance(row, dict):
+            return row
     return {}
+
+
+def paper_deltas(reference: dict[str, Any], table: str | None) -> list[dict[str, Any]]:
+    """The differences between two rows that the paper's text states (``deltas:`` of the table)."""
+    if not table or table not in reference:
+        return []
+    return [d for d in (reference[table].get("deltas") or []) if isinstance(d, dict) and "plus" in d and "minus" in d]
+
+
+def delta_table(table: pd.DataFrame, layout: Layout, deltas: list[dict[str, Any]]) -> pd.DataFrame:
+    """The paper's stated differences beside this study's (plus - minus of the means)."""
+    body = table.iloc[:-1]
+    means = {}
+    for _, r in body.iterrows():
+        label = _norm(_group_label(r, layout))
+        means[label] = r
+    lines = []
+    for d in deltas:
+        plus, minus = means.get(_norm(d["plus"])), means.get(_norm(d["minus"]))
+        for metric, stated in d.items():
+            if metric in ("plus", "minus", "source") or not isinstance(stated, (int, float)):
+                continue
+            here = math.nan
+            if plus is not None and minus is not None and f"{metric}_mean" in plus:
+                here = plus[f"{metric}_mean"] - minus[f"{metric}_mean"]
+            lines.append(
+                {
+                    "difference": f"{d['plus']} - {d['minus']}",
+                    "metric": _metric_label(metric),
+                    "paper": f"{stated:+.1f}",
+                    "here": "–" if math.isnan(here) else f"{here:+.2f}",
+                    "source": str(d.get("source", "")),
+                }
+            )
+    return pd.DataFrame(lines, columns=["difference", "metric", "paper", "here", "source"])
+
+
+def _group_label(rec: Any, layout: Layout) -> str:
+    """A table row's label as the reference file keys it: the row, or "<row> / <column> ..." when pivoted."""
+    return " / ".join(str(rec[k]) for k in ["row", *layout.columns])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -460,21 +538,20 @@ def _expected_counts(records: StudyRecords) -> dict[tuple, int]:
     return out
 
 
-def _row_order(records: StudyRecords, frame: pd.DataFrame) -> list[str]:
-    labels = list(dict.fromkeys(frame["row"]))
-    if records.layout.rows == "variant":
-        order: list[str] = []
-        spec = records.spec
-        for attr in ("variants",):
-            variants = getattr(spec, attr, None) if spec is not None else None
-            if isinstance(variants, dict):
-                order = [str(k) for k in variants]
-            elif isinstance(variants, list):
-                order = [str(getattr(v, "name", v)) for v in variants]
-        if order:
-            return [x for x in order if x in labels] + [x for x in labels if x not in order]
-        return labels
-    return sorted(labels, key=_label_sort_key)
+def _order_key(records: StudyRecords, key: str, seen: Sequence[str] = ()) -> Any:
+    """Sort key for the labels of ``key`` ("variant" or an axis key): the study file's order, else the
+    order the trials were recorded in (variants) or numeric/alphabetic order (axis values)."""
+    spec = records.spec
+    order: list[Any] = []
+    if spec is not None:
+        if key == "variant":
+            order = list(getattr(spec, "variants", None) or {})
+        else:
+            order = list((getattr(spec, "axes", None) or {}).get(key, []))
+    if not order and key == "variant":
+        order = list(dict.fromkeys(seen))
+    rank = {_norm(v): i for i, v in enumerate(order)}
+    return lambda label: (rank.get(_norm(label), len(rank)), _label_sort_key(str(label)))
 
 
 def aggregate(records: StudyRecords, frame: pd.DataFrame, reference: dict[str, Any]) -> pd.DataFrame:
@@ -492,7 +569,10 @@ def aggregate(records: StudyRecords, frame: pd.DataFrame, reference: dict[str, A
             for i, col in enumerate(layout.columns):
                 rec[col] = key[1 + i]
             variants = list(dict.fromkeys(group["variant"]))
-            labels = [" / ".join(str(k) for k in key)] + (variants if len(variants) == 1 else []) + [str(key[0])]
+            if layout.columns:  # pivoted: only "<row> / <column>" names one cell of the paper's table
+                labels = [" / ".join(str(k) for k in key)]
+            else:
+                labels = [str(key[0])] + (variants if len(variants) == 1 else [])
             paper = paper_values(reference, layout.paper, labels)
             for value in layout.values:
                 series = group[value].dropna()
@@ -517,12 +597,18 @@ def aggregate(records: StudyRecords, frame: pd.DataFrame, reference: dict[str, A
     for key, n in expected.items():
         if key not in recorded:
             rec = {"row": key[0], **{c: key[1 + i] for i, c in enumerate(layout.columns)}}
-            paper = paper_values(reference, layout.paper, [" / ".join(key), key[0]])
+            paper = paper_values(reference, layout.paper, [" / ".join(key)])
             for value in layout.values:
                 ref = paper.get(value)
-                rec.update({f"{value}_mean": math.nan, f"{value}_std": math.nan, f"{value}_n": 0,
-                            f"{value}_paper": float(ref) if isinstance(ref, (int, float)) else math.nan,
-                            f"{value}_diff": math.nan})
+                rec.update(
+                    {
+                        f"{value}_mean": math.nan,
+                        f"{value}_std": math.nan,
+                        f"{value}_n": 0,
+                        f"{value}_paper": float(ref) if isinstance(ref, (int, float)) else math.nan,
+                        f"{value}_diff": math.nan,
+                    }
+                )
             rec.update({s: 0 for s in STATUSES})
             rec.update(trials=0, expected=n, status=status_text({}, n), paper_note="", gpu_h=0.0, cpu_h=0.0)
             out.append(rec)
@@ -532,23 +618,35 @@ def aggregate(records: StudyRecords, frame: pd.DataFrame, reference: dict[str, A
     columns += [*STATUSES, "trials", "expected", "status", "paper_note", "gpu_h", "cpu_h"]
     table = pd.DataFrame(out, columns=columns)
     if not table.empty:
-        order = {label: i for i, label in enumerate(_row_order(records, frame) if not frame.empty else [])}
-        table["_o"] = table["row"].map(lambda r: order.get(r, len(order)))
-        sort_cols = ["_o", *layout.columns]
-        table = table.sort_values(sort_cols, key=lambda s: s if s.name == "_o" else s.map(_label_sort_key),
-                                  kind="stable").drop(columns="_o").reset_index(drop=True)
+        keys = {"row": _order_key(records, layout.rows, list(frame["row"]) if not frame.empty else [])}
+        keys.update({c: _order_key(records, c) for c in layout.columns})
+        table = table.sort_values(
+            ["row", *layout.columns], key=lambda col: col.map(keys[col.name]), kind="stable"
+        ).reset_index(drop=True)
     # the table's total: all trials, plus stage-I runs no recorded trial accounts for
     extra_gpu, extra_cpu = unattributed_stage1(records)
     counts = frame["status"].value_counts().to_dict() if not frame.empty else {}
     expected_total = sum(expected.values()) if expected else None
     total = {"row": "total", **{c: "" for c in layout.columns}}
     for value in layout.values:
-        total.update({f"{value}_mean": math.nan, f"{value}_std": math.nan, f"{value}_n": int(frame[value].notna().sum())
-                      if not frame.empty else 0, f"{value}_paper": math.nan, f"{value}_diff": math.nan})
+        total.update(
+            {
+                f"{value}_mean": math.nan,
+                f"{value}_std": math.nan,
+                f"{value}_n": int(frame[value].notna().sum()) if not frame.empty else 0,
+                f"{value}_paper": math.nan,
+                f"{value}_diff": math.nan,
+            }
+        )
     total.update({s: int(counts.get(s, 0)) for s in STATUSES})
-    total.update(trials=int(len(frame)), expected=expected_total, status=status_text(counts, expected_total),
-                 paper_note="", gpu_h=float(frame["gpu_h"].sum() if not frame.empty else 0.0) + extra_gpu,
-                 cpu_h=float(frame["cpu_h"].sum() if not frame.empty else 0.0) + extra_cpu)
+    total.update(
+        trials=int(len(frame)),
+        expected=expected_total,
+        status=status_text(counts, expected_total),
+        paper_note="",
+        gpu_h=float(frame["gpu_h"].sum() if not frame.empty else 0.0) + extra_gpu,
+        cpu_h=float(frame["cpu_h"].sum() if not frame.empty else 0.0) + extra_cpu,
+    )
     return pd.concat([table, pd.DataFrame([total], columns=columns)], ignore_index=True)
 
 
@@ -584,13 +682,15 @@ def _metric_label(key: str) -> str:
 
 def display_table(table: pd.DataFrame, layout: Layout) -> pd.DataFrame:
     """The table as a person reads it: one line per row label, formatted cells, cost, trials."""
-    has_paper = {v: bool(table[f"{v}_paper"].notna().any()) for v in layout.values}
     row_name = "variant" if layout.rows == "variant" else layout.rows
     lines = []
     body, total = table.iloc[:-1], table.iloc[-1]
     col_names = layout.columns
 
-    def cells(sub: pd.DataFrame, prefix: str) -> dict[str, str]:
+    def paper_columns(sub: pd.DataFrame) -> dict[str, bool]:
+        return {v: bool(sub[f"{v}_paper"].notna().any()) for v in layout.values}
+
+    def cells(sub: pd.DataFrame, prefix: str, has_paper: dict[str, bool]) -> dict[str, str]:
         out: dict[str, str] = {}
         r = sub.iloc[0] if len(sub) else None
         for v in layout.values:
@@ -610,7 +710,7 @@ def display_table(table: pd.DataFrame, layout: Layout) -> pd.DataFrame:
     if not col_names:
         for _, r in body.iterrows():
             line = {row_name: r["row"]}
-            line.update(cells(body.loc[[_]], ""))
+            line.update(cells(body.loc[[_]], "", paper_columns(body)))
             ns = [int(r[f"{v}_n"]) for v in layout.values]
             line["n"] = str(min(ns)) if ns else ""
             line["trials"] = r["status"]
@@ -618,6 +718,13 @@ def display_table(table: pd.DataFrame, layout: Layout) -> pd.DataFrame:
             lines.append(line)
     else:
         combos = list(dict.fromkeys(tuple(r[c] for c in col_names) for _, r in body.iterrows()))
+        combo_paper = {}
+        for combo in combos:
+            match = body
+            for c, val in zip(col_names, combo):
+                match = match[match[c] == val]
+            combo_paper[combo] = paper_columns(match)
+        n_header = "n (" + ", ".join("/".join(str(v) for v in combo) for combo in combos) + ")"
         for label in dict.fromkeys(body["row"]):
             sub = body[body["row"] == label]
             line = {row_name: label}
@@ -626,9 +733,14 @@ def display_table(table: pd.DataFrame, layout: Layout) -> pd.DataFrame:
                 for c, val in zip(col_names, combo):
                     match = match[match[c] == val]
                 prefix = ", ".join(f"{val}" for val in combo) + ": "
-                line.update(cells(match, prefix))
-            line["n"] = ", ".join(str(int(sub[f"{layout.values[0]}_n"].iloc[i])) for i in range(len(sub))) \
-                if layout.values else ""
+                line.update(cells(match, prefix, combo_paper[combo]))
+            ns = []
+            for combo in combos:
+                match = sub
+                for c, val in zip(col_names, combo):
+                    match = match[match[c] == val]
+                ns.append(str(int(match[f"{layout.values[0]}_n"].iloc[0])) if len(match) else "0")
+            line[n_header] = ", ".join(ns)
             counts = {s: int(sub[s].sum()) for s in STATUSES}
             exp = sub["expected"].dropna()
             line["trials"] = status_text(counts, int(exp.sum()) if len(exp) else None)
@@ -636,7 +748,9 @@ def display_table(table: pd.DataFrame, layout: Layout) -> pd.DataFrame:
             lines.append(line)
     frame = pd.DataFrame(lines)
     total_line = {c: "" for c in frame.columns} if len(frame.columns) else {}
-    total_line.update({row_name: "total", "trials": total["status"], "cost": format_cost(total["gpu_h"], total["cpu_h"])})
+    total_line.update(
+        {row_name: "total", "trials": total["status"], "cost": format_cost(total["gpu_h"], total["cpu_h"])}
+    )
     return pd.concat([frame, pd.DataFrame([total_line])], ignore_index=True).fillna("")
 
 
@@ -644,8 +758,13 @@ def to_latex(display: pd.DataFrame, layout: Layout, label: str) -> str:
     """Booktabs LaTeX through pandas' Styler."""
     styler = display.style.hide(axis="index").format(escape="latex").format_index(escape="latex", axis=1)
     caption = layout.title.replace("_", r"\_").replace("%", r"\%").replace("&", r"\&")
-    tex = styler.to_latex(hrules=True, caption=caption, label=f"tab:{label}", position_float="centering",
-                          column_format="l" + "r" * (len(display.columns) - 1))
+    tex = styler.to_latex(
+        hrules=True,
+        caption=caption,
+        label=f"tab:{label}",
+        position_float="centering",
+        column_format="l" + "r" * (len(display.columns) - 1),
+    )
     tex = tex.replace("±", r"$\pm$").replace("Δ", r"$\Delta$").replace("–", "--")
     return tex.replace("\ntotal &", "\n\\midrule\ntotal &")
 
@@ -700,8 +819,14 @@ def plot_line(records: StudyRecords, frame: pd.DataFrame, out: Path, reference: 
             stats = g.groupby("row")[value].agg(["mean", "std", "count"])
             stats = stats.loc[sorted(stats.index, key=_label_sort_key)]
             label = ", ".join(f"{c}={k}" for c, k in zip(layout.columns, key)) or None
-            ax.errorbar([pos[x] for x in stats.index], stats["mean"], yerr=stats["std"].fillna(0.0), marker="o",
-                        capsize=3, label=label)
+            ax.errorbar(
+                [pos[x] for x in stats.index],
+                stats["mean"],
+                yerr=stats["std"].fillna(0.0),
+                marker="o",
+                capsize=3,
+                label=label,
+            )
         if chosen is not None and numeric:
             match = [x for x in xs_all if math.isclose(float(x), float(chosen))]
             if match:
@@ -736,7 +861,9 @@ def plot_layers(records: StudyRecords, out: Path) -> list[Path]:
     for label in labels:
         runs = [r for r in fin if _axis_value(r, records.layout.rows) == label]
         panels = [("(a) features of single layers", SINGLE_SETS), ("(b) concatenated features", CONCAT_SETS)]
-        present = [(t, [s for s in sets if any(f"eval/{s}/rank1" in r.data.metrics for r in runs)]) for t, sets in panels]
+        present = [
+            (t, [s for s in sets if any(f"eval/{s}/rank1" in r.data.metrics for r in runs)]) for t, sets in panels
+        ]
         present = [(t, sets) for t, sets in present if sets]
         if not present:
             continue
@@ -744,8 +871,10 @@ def plot_layers(records: StudyRecords, out: Path) -> list[Path]:
         for ax, (title, sets) in zip(axes[0], present):
             width = 0.38
             for j, metric in enumerate(("rank1", "mAP")):
-                vals = [[r.data.metrics[f"eval/{s}/{metric}"] for r in runs if f"eval/{s}/{metric}" in r.data.metrics]
-                        for s in sets]
+                vals = [
+                    [r.data.metrics[f"eval/{s}/{metric}"] for r in runs if f"eval/{s}/{metric}" in r.data.metrics]
+                    for s in sets
+                ]
                 means = [sum(v) / len(v) if v else math.nan for v in vals]
                 stds = [pd.Series(v).std(ddof=1) if len(v) > 1 else 0.0 for v in vals]
                 xs = [i + (j - 0.5) * width for i in range(len(sets))]
@@ -789,7 +918,9 @@ def plot_curves(records: StudyRecords, out: Path) -> list[Path]:
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
-    stage1_runs = sorted(records.stage1.values(), key=lambda r: (_int(_tag(r, "pfe.seed"), 0), _tag(r, "pfe.stage1_key") or ""))
+    stage1_runs = sorted(
+        records.stage1.values(), key=lambda r: (_int(_tag(r, "pfe.seed"), 0), _tag(r, "pfe.stage1_key") or "")
+    )
     for stage, runs, group_of in (
         (1, stage1_runs, lambda r: f"seed {_tag(r, 'pfe.seed', '?')} ({(_tag(r, 'pfe.stage1_key') or '')[:8]})"),
         (2, records.trials, lambda r: _axis_value(r, records.layout.rows)),
@@ -815,7 +946,9 @@ def plot_curves(records: StudyRecords, out: Path) -> list[Path]:
             for label, series in curves[key].items():
                 df = pd.concat(series, axis=1)
                 mean = df.mean(axis=1)
-                line = ax.plot(mean.index, mean.values, label=f"{label} (n={len(series)})" if len(series) > 1 else label)
+                line = ax.plot(
+                    mean.index, mean.values, label=f"{label} (n={len(series)})" if len(series) > 1 else label
+                )
                 if len(series) > 1:
                     std = df.std(axis=1, ddof=1).fillna(0.0)
                     ax.fill_between(mean.index, mean - std, mean + std, alpha=0.2, color=line[0].get_color())
@@ -823,12 +956,13 @@ def plot_curves(records: StudyRecords, out: Path) -> list[Path]:
             ax.set_xlabel("epoch")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
-        for ax in list(axes.flat)[len(keys):]:
+        for ax in list(axes.flat)[len(keys) :]:
             ax.axis("off")
         handles, labels = axes.flat[0].get_legend_handles_labels()
         if handles:
-            fig.legend(handles[:12], labels[:12], loc="lower center", ncol=min(4, len(handles)), fontsize=8,
-                       frameon=False)
+            fig.legend(
+                handles[:12], labels[:12], loc="lower center", ncol=min(4, len(handles)), fontsize=8, frameon=False
+            )
         fig.suptitle(f"{records.layout.title} - stage {'I' if stage == 1 else 'II'} training", fontsize=10)
         extra = 0.06 * math.ceil(min(len(handles), 12) / 4) if handles else 0.0
         fig.tight_layout(rect=(0, min(extra / nrows + 0.04, 0.3), 1, 1))
@@ -863,11 +997,15 @@ def _problem_lines(frame: pd.DataFrame) -> list[str]:
         epochs = ""
         if r["epochs_done"] is not None and not pd.isna(r["epochs_done"]):
             epochs = f", {int(r['epochs_done'])} of {int(r['epochs_asked']) if not pd.isna(r['epochs_asked']) else '?'} epochs"
-        lines.append(f"- {r['row']} (variant {r['variant']}, seed {r['seed']}): **{r['status']}**{epochs}; run `{r['run_id']}`")
+        lines.append(
+            f"- {r['row']} (variant {r['variant']}, seed {r['seed']}): **{r['status']}**{epochs}; run `{r['run_id']}`"
+        )
     return lines
 
 
-def write_study(records: StudyRecords, out_root: Path, formats: Sequence[str], reference: dict[str, Any]) -> StudyOutput:
+def write_study(
+    records: StudyRecords, out_root: Path, formats: Sequence[str], reference: dict[str, Any]
+) -> StudyOutput:
     """Write one study's table files, plots and page."""
     layout = records.layout
     folder = out_root / _slug(records.name)
@@ -912,11 +1050,21 @@ def write_study(records: StudyRecords, out_root: Path, formats: Sequence[str], r
     if layout.paper:
         src = ref_table.get("source") if isinstance(ref_table, dict) else None
         if ref_table:
-            lines.append(f"Paper: `{layout.paper}` in reports/paper_reference.yaml ({src or 'no source given'}); "
-                         "Δ = this study's mean - the paper's number; * = a number derived from a difference the "
-                         "paper's text states (see the reference file).")
+            lines.append(
+                f"Paper: `{layout.paper}` in reports/paper_reference.yaml ({src or 'no source given'}); "
+                "Δ = this study's mean - the paper's number; * = a number derived from a difference the "
+                "paper's text states (see the reference file)."
+            )
         else:
             lines.append(f"Paper: no table `{layout.paper}` in reports/paper_reference.yaml.")
+    deltas = paper_deltas(reference, layout.paper)
+    if deltas:
+        lines += [
+            "",
+            "## Differences the paper states",
+            "",
+            delta_table(table, layout, deltas).to_markdown(index=False, disable_numparse=True),
+        ]
     problems = _problem_lines(frame)
     if problems:
         lines += ["", "## Trials not finished", "", *problems]
@@ -949,15 +1097,21 @@ def write_index(out_root: Path, outputs: list[StudyOutput]) -> list[Path]:
     for o in outputs:
         rel = o.folder.relative_to(out_root).as_posix()
         body.append(f'<h2 id="{html.escape(o.name)}">{html.escape(o.title)}</h2>')
-        body.append(f"<p>Study <code>{html.escape(o.name)}</code>: {html.escape(o.summary)}. "
-                    + " ".join(f'<a href="{rel}/{p.name}">{k}</a>' for k, p in o.tables.items()) + "</p>")
+        body.append(
+            f"<p>Study <code>{html.escape(o.name)}</code>: {html.escape(o.summary)}. "
+            + " ".join(f'<a href="{rel}/{p.name}">{k}</a>' for k, p in o.tables.items())
+            + "</p>"
+        )
         body.append(o.display.style.hide(axis="index").to_html())
         body += [f'<p><img src="{rel}/{p.name}" alt="{p.stem}" style="max-width:100%"></p>' for p in o.plots]
-    style = ("body{font-family:sans-serif;max-width:1200px;margin:auto}table{border-collapse:collapse}"
-             "td,th{border-bottom:1px solid #ccc;padding:2px 8px;text-align:right}td:first-child{text-align:left}")
+    style = (
+        "body{font-family:sans-serif;max-width:1200px;margin:auto}table{border-collapse:collapse}"
+        "td,th{border-bottom:1px solid #ccc;padding:2px 8px;text-align:right}td:first-child{text-align:left}"
+    )
     (out_root / "index.html").write_text(
         f"<!doctype html><html><head><meta charset='utf-8'><title>pfe-study reports</title><style>{style}</style>"
-        f"</head><body>{''.join(body)}</body></html>\n")
+        f"</head><body>{''.join(body)}</body></html>\n"
+    )
     return [out_root / "index.md", out_root / "index.html"]
 
 

@@ -42,7 +42,7 @@ def _resolve(args: argparse.Namespace) -> tuple[str, str | None]:
 
 
 def _sqlite_dir(uri: str) -> Path | None:
-    return Path(uri[len("sqlite:///"):]).parent if uri.startswith("sqlite:///") else None
+    return Path(uri[len("sqlite:///") :]).parent if uri.startswith("sqlite:///") else None
 
 
 def _experiment_url(uri: str, url: str, experiment: str | None) -> str:
@@ -71,7 +71,10 @@ def cli_ui(args: argparse.Namespace) -> int:
     host = getattr(args, "host", None) or "127.0.0.1"
     port = int(getattr(args, "port", None) or 5000)
     if uri.startswith(("http://", "https://")):
-        from pfe.study.spec import mask_uri
+        try:
+            from pfe.study.uris import mask_uri
+        except ImportError:
+            from pfe.study.spec import mask_uri
 
         print(f"the tracking store is already a server: open {mask_uri(uri)}")
         return 0
