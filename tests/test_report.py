@@ -332,7 +332,7 @@ def record_trials(uri: str, name: str, study_file: Path, trials: list[dict]) -> 
             "pfe.config_hash": f"{t['params']}{t['seed']}",
             "pfe.stage1_run_id": stage1[t["seed"]],
             "pfe.status": "finished",
-            "pfe.epochs_done": "2",
+            "pfe.epochs_done": str(t.get("epochs_done", 2)),  # tagged finished, fewer epochs: incomplete
             "pfe.epochs_asked": "2",
             "pfe.wall_s": "360",
             "pfe.device_kind": "cpu",
@@ -364,6 +364,7 @@ def test_report_pivot_order_deltas_and_plots(tmp_path: Path, monkeypatch: pytest
             "seed": s,
             "params": {"stage2.loss": loss, "model.side": side},
             "metrics": {"rank1": base[loss] + (5.0 if side == "mfa" else 0.0) + s, "mAP": base[loss] - 10 + s},
+            "epochs_done": 1 if (loss, side, s) == ("uniform", "side", 1) else 2,
         }
         for loss in ("cascade", "uniform", "independent")
         for side in ("mfa", "side")
@@ -413,9 +414,11 @@ def test_report_pivot_order_deltas_and_plots(tmp_path: Path, monkeypatch: pytest
     by = {c: r for c, (_, r) in zip(cells, table.iterrows())}
     assert by[("independent", "mfa")]["status"] == "1 of 2 finished, 1 not started"
     assert by[("cascade", "side")]["status"] == "0 of 2 finished, 2 not started"
+    assert by[("uniform", "side")]["status"] == "1 of 2 finished, 1 incomplete"
+    assert by[("uniform", "side")]["rank1_mean"] == "61.0" and int(by[("uniform", "side")]["rank1_n"]) == 1
     assert by[("uniform", "mfa")]["rank1_mean"] == "66.5" and by[("cascade", "mfa")]["rank1_paper"] == "71.2"
     assert by[("cascade", "side")]["rank1_paper"] == "" and by[("total", "")]["status"] == (
-        "9 of 12 finished, 3 not started"
+        "8 of 12 finished, 1 incomplete, 3 not started"
     )
     # each trial: 360 s of its own + its share of its seed's 720 s CPU stage I (5 + 4 trials share them)
     assert float(by[("total", "")]["cpu_h"]) == pytest.approx((2 * 720 + 9 * 360) / 3600)
@@ -423,7 +426,8 @@ def test_report_pivot_order_deltas_and_plots(tmp_path: Path, monkeypatch: pytest
     assert md.index("| independent") < md.index("| uniform") < md.index("| cascade")
     assert "mfa: rank-1" in md and "mfa: paper rank-1" in md and "side: paper rank-1" not in md
     page = (out / "grid" / "index.md").read_text()
-    assert "uniform / mfa - uniform / side" in page and "+5.6" in page and "+5.00" in page
+    assert "uniform / mfa - uniform / side" in page and "+5.6" in page and "+5.50" in page
+    assert "**incomplete**, 1 of 2 epochs" in page
 
     alpha_table = pd.read_csv(out / "alpha" / "table.csv")
     assert list(alpha_table["row"]) == ["0.0", "0.05", "0.1", "total"]
