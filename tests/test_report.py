@@ -438,3 +438,31 @@ def test_report_pivot_order_deltas_and_plots(tmp_path: Path, monkeypatch: pytest
     assert "F2 rank-1" in layers_md and "40.50 ± 0.71" in layers_md
     index = (out / "index.md").read_text()
     assert all(f"{n}/index.md" in index for n in ("grid", "alpha", "layers"))
+
+
+def test_paper_reference_rows_match_the_study_files() -> None:
+    """Every row and stated difference of reports/paper_reference.yaml names a cell its study file produces."""
+    from pfe.study.report import Layout, StudyRecords, _expected_counts, _norm, load_reference
+    from pfe.study.spec import load_study
+
+    root = Path(__file__).resolve().parents[1]
+    reference = load_reference(root / "reports" / "paper_reference.yaml")
+    assert {"table1", "table2", "table3", "table4", "table5", "table6", "fig7a", "fig7b", "fig8"} <= set(reference)
+    checked = 0
+    for path in sorted((root / "studies").glob("*.yaml")):
+        spec = load_study(path)
+        table = spec.report.paper
+        if not table:
+            continue
+        assert table in reference, f"{path.name}: report.paper {table!r} is not in paper_reference.yaml"
+        records = StudyRecords(spec.name, "", "", Layout.from_spec(spec.report, spec.name), None, [], {}, spec=spec)
+        labels = {" / ".join(key) for key in _expected_counts(records)}
+        entry = reference[table]
+        for label in entry.get("rows") or {}:
+            assert _norm(label) in labels, f"{table}: row {label!r} is no cell of {path.name} ({sorted(labels)})"
+            checked += 1
+        for delta in entry.get("deltas") or []:
+            assert {_norm(delta["plus"]), _norm(delta["minus"])} <= labels, f"{table}: {delta}"
+        for row in (entry.get("rows") or {}).values():
+            assert row.get("source"), f"{table}: every number needs its source"
+    assert checked >= 15
