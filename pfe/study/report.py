@@ -1102,7 +1102,9 @@ def write_index(out_root: Path, outputs: list[StudyOutput]) -> list[Path]:
             + " ".join(f'<a href="{rel}/{p.name}">{k}</a>' for k, p in o.tables.items())
             + "</p>"
         )
-        body.append(o.display.style.hide(axis="index").to_html())
+        body.append(
+            o.display.style.hide(axis="index").format(escape="html").format_index(escape="html", axis=1).to_html()
+        )
         body += [f'<p><img src="{rel}/{p.name}" alt="{p.stem}" style="max-width:100%"></p>' for p in o.plots]
     style = (
         "body{font-family:sans-serif;max-width:1200px;margin:auto}table{border-collapse:collapse}"
