@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import socket
@@ -139,9 +140,13 @@ def run_study(
         ray_started = _init_ray(address, num_cpus)
         _check_resources(spec, address)
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # evaluation metrics come every N epochs
-        plan.run_stage1(max_concurrent)
+        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+        # Tune keeps one trial pending at a time with a searcher: released stage-II trials would start one by one
+        os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", "16")
+        plan.record_stage1_only_trials()  # stage Is finished by an earlier run
+        plan.run_staged(max_concurrent)
         plan.record_stage1_only_trials()
-        plan.run_stage2(max_concurrent)
+        plan.run_search(max_concurrent)
         outcome.finished, outcome.unfinished = plan.results()
         status = "finished" if not outcome.unfinished else "incomplete"
         return outcome
@@ -229,6 +234,10 @@ def _env_tags(cfg: ExperimentConfig) -> dict[str, str]:
     }
 
 
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def _host() -> str:
     return socket.gethostname()
 
@@ -245,7 +254,7 @@ class Plan:
             self.groups.setdefault(trial.stage1_key, []).append(trial)
         self.gpu = spec.resources.gpu
         self.unfinished_now: list[str] = []
-        self.already_finished_at_start: list[str] = []
+        self.already_finished_at_start: list[str] = self.already_finished()
 
     # -- bookkeeping
     def _trial_done(self, trial: Trial) -> bool:
@@ -272,7 +281,8 @@ class Plan:
         finished, unfinished = [], list(self.unfinished_now)
         if self.search:
             runs = [r for (role, _), r in self.tracker.records.items() if role == "trial"]
-            finished = [r.tags.get("pfe.label", r.key) for r in runs if r.status == "finished"]
+            before = set(self.already_finished_at_start)
+            finished = [r.tags.get("pfe.label", r.key) for r in runs if r.status == "finished" and r.key not in before]
             unfinished += [
                 f"{r.tags.get('pfe.label', r.key)} ({r.status})"
                 for r in runs
@@ -314,22 +324,57 @@ class Plan:
             "pfe.storage_path": mask_uri(self.spec.storage_path),
         }
 
-    # -- phase A: one Tune trial per unfinished stage I
-    def run_stage1(self, max_concurrent: int | None) -> None:
-        self.already_finished_at_start = self.already_finished()
+    # -- stage I and stage II in one Tune run
+    def run_staged(self, max_concurrent: int | None) -> None:
+        """Each unfinished stage I is a Tune trial; a stage-II trial is released the moment its own
+        stage I has finished (one Tune run, so worker actors are reused and groups overlap)."""
         if self.full_trials:
             return
-        payloads = []
+        first: list[dict[str, Any]] = []
+        waiting: dict[str, list[dict[str, Any]]] = {}
+        n_stage1 = 0
         for key, members in self.groups.items():
-            todo = [t for t in members if not self._trial_done(t)]
-            if not todo or self._stage1_done(key):
-                continue
-            cfg = stage1_config(members[0].cfg)
-            rec = self.tracker.get("stage1", key)
-            payloads.append(self._payload("stage1", key, cfg, [1], resume_uri=rec.checkpoint if rec else None))
-        if payloads:
-            print(f"phase A: {len(payloads)} stage-I run(s)", flush=True)
-            self._tune("stage1", payloads, max_concurrent)
+            todo2 = [] if self.search else [t for t in members if t.has_stage2 and not self._trial_done(t)]
+            needs_stage1 = not self._stage1_done(key) and (self.search or any(not self._trial_done(t) for t in members))
+            if needs_stage1:
+                cfg = stage1_config(members[0].cfg)
+                rec = self.tracker.get("stage1", key)
+                first.append(self._payload("stage1", key, cfg, [1], resume_uri=rec.checkpoint if rec else None))
+                n_stage1 += 1
+            payloads = [self._stage2_payload(t) for t in todo2]
+            if needs_stage1:
+                waiting[key] = payloads
+            else:
+                first += [self._release_payload(p) for p in payloads]
+        if not first:
+            return
+        n_stage2 = len(first) - n_stage1 + sum(len(v) for v in waiting.values())
+        print(f"Tune: {n_stage1} stage-I run(s), {n_stage2} stage-II trial(s)", flush=True)
+        searcher = _staged_searcher(first, waiting, self._release_payload)
+        self._tune("study", searcher, n_stage1 + n_stage2, max_concurrent)
+        for key, payloads in searcher.blocked.items():
+            for p in payloads:
+                trial = self.trials[p["index"]]
+                self.unfinished_now.append(f"{trial.label} seed {trial.seed} (its stage I {key[:10]} did not finish)")
+
+    def _stage2_payload(self, trial: Trial) -> dict[str, Any]:
+        rec = self.tracker.get("trial", trial.trial_id)
+        return self._payload(
+            "trial",
+            trial.trial_id,
+            trial.cfg,
+            [2],
+            resume_uri=rec.checkpoint if rec else None,
+            index=self.trials.index(trial),
+            stage1_key=trial.stage1_key,
+        )
+
+    def _release_payload(self, payload: dict[str, Any]) -> dict[str, Any] | None:
+        """The stage-II payload with its stage-I checkpoint, or None when that stage I has none."""
+        s1 = self.tracker.get("stage1", payload["stage1_key"])
+        if s1 is None or not (s1.checkpoint or self.simulate):
+            return None
+        return {**payload, "stage1_uri": s1.checkpoint, "stage1_run_id": s1.run_id}
 
     def _open_stage1(self, payload: dict[str, Any]) -> RunRecord:
         key = payload["key"]
@@ -386,7 +431,7 @@ class Plan:
         self, cfg: ExperimentConfig, trial: Trial | None, s1: RunRecord | None, **extra_tags: str
     ) -> RunRecord:
         variant = (trial.variant if trial else "") or "base"
-        label = trial.label if trial else "search " + ", ".join(f"{k}={v}" for k, v in extra_tags.items() if "." in k)
+        label = trial.label if trial else extra_tags.pop("pfe.label", "search")
         tags = {
             **self._common_tags(cfg.runtime.seed),
             "pfe.variant": variant,
@@ -411,35 +456,10 @@ class Plan:
             texts={"config.yaml": dump_config(cfg)},
         )
 
-    # -- phase B: stage-II trials (or a search)
-    def run_stage2(self, max_concurrent: int | None) -> None:
+    # -- a search (after its stage I)
+    def run_search(self, max_concurrent: int | None) -> None:
         if self.search:
             self._run_search(max_concurrent)
-            return
-        payloads = []
-        for trial in self.trials:
-            if not trial.has_stage2 or self._trial_done(trial):
-                continue
-            s1 = self.tracker.get("stage1", trial.stage1_key)
-            if not self._stage1_done(trial.stage1_key) or s1 is None:
-                self.unfinished_now.append(f"{trial.label} seed {trial.seed} (its stage I did not finish)")
-                continue
-            rec = self.tracker.get("trial", trial.trial_id)
-            payloads.append(
-                self._payload(
-                    "trial",
-                    trial.trial_id,
-                    trial.cfg,
-                    [2],
-                    stage1_uri=s1.checkpoint,
-                    resume_uri=rec.checkpoint if rec else None,
-                    stage1_run_id=s1.run_id,
-                    index=self.trials.index(trial),
-                )
-            )
-        if payloads:
-            print(f"phase B: {len(payloads)} stage-II trial(s)", flush=True)
-            self._tune("stage2", payloads, max_concurrent)
 
     def _open_payload_trial(self, payload: dict[str, Any]) -> RunRecord:
         cfg = validate_config(payload["cfg"])
@@ -447,8 +467,8 @@ class Plan:
         s1 = self.tracker.get("stage1", cfg.stage1_key()) if payload.get("stage1_run_id") else None
         extra = {}
         if payload.get("search_values"):
-            extra = {k: json.dumps(v) for k, v in payload["search_values"].items()}
-            extra["pfe.search"] = "1"
+            shown = ", ".join(f"{k}={_short(v)}" for k, v in payload["search_values"].items())
+            extra = {"pfe.search": "1", "pfe.label": f"search {shown}"}
         return self._open_trial(cfg, trial, s1, **extra)
 
     # -- search (Optuna via OptunaSearch, optional ASHA)
@@ -475,6 +495,7 @@ class Plan:
                 return
         space = {k: d.to_optuna() for k, d in search.space.items()}
         done, pending = [], []
+        done_values: dict[str, float | None] = {}
         resume: dict[str, str] = {}
         for rec in self._search_runs():
             params = self.tracker.client.get_run(rec.run_id).data.params
@@ -484,6 +505,7 @@ class Plan:
             if rec.status == "finished" or rec.tags.get("pfe.stopped_early") == "1":
                 value = self.tracker.client.get_run(rec.run_id).data.metrics.get(self.spec.metric)
                 done.append((point, value, rec.status != "finished"))
+                done_values[rec.key] = value
             else:
                 pending.append(point)
                 if rec.checkpoint:
@@ -491,11 +513,14 @@ class Plan:
         remaining = self._search_remaining()
         if remaining == 0:
             return
-        searcher = _OptunaSearch(
+        seed = None if search.seed is None else search.seed + len(done)  # a resumed search draws new points
+        searcher = _optuna_search(
+            base.cfg,
+            done_values,
             space=space,
             metric=self.spec.metric,
             mode=self.spec.mode,
-            sampler=_sampler(search.sampler, search.seed),
+            sampler=_sampler(search.sampler, seed),
             points_to_evaluate=pending[:remaining] or None,
         )
         for point, value, pruned in done:
@@ -510,7 +535,7 @@ class Plan:
                 time_attr="pfe_step",
                 metric=self.spec.metric,
                 mode=self.spec.mode,
-                max_t=search.scheduler.max_t or epochs,
+                max_t=(search.scheduler.max_t or epochs) + 1,  # +1: never cut the final evaluation
                 grace_period=search.scheduler.grace_period,
                 reduction_factor=search.scheduler.reduction_factor,
             )
@@ -527,22 +552,17 @@ class Plan:
         if self.full_trials:
             payload["step_offset"] = 0
         print(f"phase B: search, {remaining} sample(s) ({len(done)} done before)", flush=True)
-        self._tune(
-            "search",
-            None,
-            max_concurrent,
-            param_space={"pfe": payload},
-            tune_config=dict(search_alg=searcher, scheduler=scheduler, num_samples=remaining),
-        )
+        self._tune("search", searcher, remaining, max_concurrent, param_space={"pfe": payload}, scheduler=scheduler)
 
     # -- Tune
     def _tune(
         self,
         phase: str,
-        payloads: list[dict[str, Any]] | None,
+        search_alg: Any,
+        num_samples: int,
         max_concurrent: int | None,
         param_space: dict[str, Any] | None = None,
-        tune_config: dict[str, Any] | None = None,
+        scheduler: Any = None,
     ) -> None:
         from ray import tune
 
@@ -554,23 +574,20 @@ class Plan:
             open_run=self._open_for_tune,
             storage=spec.storage_path,
             gpu_fraction=spec.resources.gpu,
-            early_stopping=bool(spec.search and spec.search.scheduler),
+            early_stopping=scheduler is not None,
         )
         trainable = tune.with_resources(_trainable, resources={"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
-        concurrency = max_concurrent or spec.max_concurrent
-        if param_space is None:
-            assert payloads is not None
-            param_space = {"pfe": tune.grid_search(payloads)}
-            tune_config = {"num_samples": 1}
         tuner = tune.Tuner(
             trainable,
-            param_space=param_space,
+            param_space=param_space or {},
             tune_config=tune.TuneConfig(
-                max_concurrent_trials=concurrency,
-                reuse_actors=True,
+                search_alg=search_alg,
+                scheduler=scheduler,
+                num_samples=num_samples,
+                max_concurrent_trials=max_concurrent or spec.max_concurrent,
+                reuse_actors=True,  # one torch import per worker, not per trial
                 trial_dirname_creator=_dirname,
                 trial_name_creator=_dirname,
-                **(tune_config or {}),
             ),
             run_config=tune.RunConfig(
                 name=f"{spec.name}-{phase}-{time.strftime('%Y%m%d-%H%M%S')}",
@@ -578,7 +595,7 @@ class Plan:
                 failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                 callbacks=[callback],
-                verbose=1,
+                verbose=0,  # the tracking callback prints one line per trial event
             ),
         )
         tuner.fit()
@@ -591,21 +608,84 @@ class Plan:
         return self._open_payload_trial(payload), payload
 
 
-def _optuna_search_class() -> type:
+def _staged_searcher(
+    first: list[dict[str, Any]], waiting: dict[str, list[dict[str, Any]]], release: Any
+) -> Any:
+    """A Tune Searcher that hands out the stage-I payloads (and stage-II payloads whose stage I is
+    already done) at once, and each group's stage-II payloads when its stage I has finished."""
+    from ray.tune.search import Searcher
+
+    class StagedSearcher(Searcher):
+        def __init__(self) -> None:
+            super().__init__()
+            self.queue = list(first)
+            self.waiting = {k: list(v) for k, v in waiting.items()}
+            self.blocked: dict[str, list[dict[str, Any]]] = {}
+            self.stage1_of: dict[str, str] = {}
+
+        def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
+            return True
+
+        def save(self, checkpoint_path: str) -> None:  # resume state lives in MLflow, not in Tune
+            pass
+
+        def restore(self, checkpoint_path: str) -> None:
+            pass
+
+        def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+            if self.queue:
+                payload = self.queue.pop(0)
+                if payload["role"] == "stage1":
+                    self.stage1_of[trial_id] = payload["key"]
+                return {"pfe": payload}
+            return None if self.waiting else Searcher.FINISHED
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            key = self.stage1_of.pop(trial_id, None)
+            if key is None or key not in self.waiting:
+                return
+            payloads = self.waiting.pop(key)
+            ok = not error and bool(result and result.get("pfe_final"))
+            released = [release(p) for p in payloads] if ok else []
+            if ok and all(p is not None for p in released):
+                self.queue += released
+            else:
+                self.blocked[key] = payloads
+
+    return StagedSearcher()
+
+
+def _optuna_search(base: ExperimentConfig, done: dict[str, float | None], **kwargs: Any) -> Any:
+    """OptunaSearch that (1) ignores results without the metric (evaluation runs every N epochs) and
+    (2) never hands out a sample whose config already ran to the end in MLflow: Optuna is told its
+    known value instead and asked again, so a resumed search never reruns a finished trial."""
     from ray.tune.search.optuna import OptunaSearch
 
-    class OptunaSearchSparse(OptunaSearch):
-        """OptunaSearch that ignores results without the metric (evaluation runs every N epochs)."""
-
+    class ResumableOptunaSearch(OptunaSearch):
         def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
             if isinstance(self.metric, str) and self.metric in result:
                 super().on_trial_result(trial_id, result)
 
-    return OptunaSearchSparse
+        def suggest(self, trial_id: str) -> dict[str, Any] | None:
+            for attempt in range(100):
+                tid = trial_id if attempt == 0 else f"{trial_id}-known{attempt}"
+                config = super().suggest(tid)
+                if not isinstance(config, dict):
+                    return config
+                try:
+                    key = base.with_overrides(config, source="<search sample>").config_hash()
+                except ConfigError:
+                    return config  # the trial reports the error itself
+                if key not in done:
+                    if tid != trial_id:  # Ray keys its bookkeeping by the id it asked with
+                        self._ot_trials[trial_id] = self._ot_trials.pop(tid)
+                    return config
+                value = done[key]
+                result = {self.metric: value} if value is not None else None
+                super().on_trial_complete(tid, result=result)
+            return None
 
-
-def _OptunaSearch(**kwargs: Any) -> Any:  # noqa: N802 - a class factory (Ray imported lazily)
-    return _optuna_search_class()(**kwargs)
+    return ResumableOptunaSearch(**kwargs)
 
 
 def _sampler(name: str, seed: int | None) -> Any:
@@ -742,6 +822,7 @@ def _trainable(config: dict[str, Any]) -> None:
     """One Tune trial: a stage I, a stage II from a shared stage I, or both (a search over stage-I keys)."""
     from ray import tune
 
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one "Checkpoint created" line per epoch is noise
     payload = resolve_payload(config)
     if payload.get("simulate"):
         _simulated(payload)

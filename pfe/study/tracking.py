@@ -382,7 +382,9 @@ def make_tracking_callback(
             return state
 
         def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            self._state(trial)
+            state = self._state(trial)
+            resumed = f" (resuming after epoch {state.epochs_done})" if state.epochs_done else ""
+            _say(f"start  {_label(state)}{resumed}")
 
         def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
             state = self._state(trial)
@@ -407,7 +409,16 @@ def make_tracking_callback(
             if result.get("checkpoint_dir_name") and trial.path:
                 tags["pfe.checkpoint"] = f"{prefix}{trial.path}/{result['checkpoint_dir_name']}"
             step = int(result.get("pfe_step", result.get("training_iteration", 0)))
-            self.points += tracker.log_step(state.rec, metric_items(result), step, tags)
+            metrics = metric_items(result)
+            self.points += tracker.log_step(state.rec, metrics, step, tags)
+            if not result.get("pfe_final"):
+                shown = "  ".join(
+                    f"{k.split('/')[-1] if k.startswith('train/') else k}={metrics[k]:.3g}"
+                    for k in metrics
+                    if k.endswith("/loss") or k in ("rank1", "mAP")
+                )
+                asked = state.payload.get("epochs_asked", "?")
+                _say(f"epoch  {_label(state)}  {state.epochs_done}/{asked}  {shown}")
             if result.get("pfe_final"):
                 state.final_seen = True
                 metrics = metric_items(result)
@@ -422,18 +433,36 @@ def make_tracking_callback(
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             state = self._state(trial)
             asked = int(state.payload.get("epochs_asked", 0))
-            if state.final_seen and state.epochs_done >= asked:
+            if state.epochs_done >= asked:  # all its epochs reported (the final report adds artifacts only)
                 tracker.end_run(state.rec, "finished")
+                shown = "  ".join(f"{k}={v}" for k, v in state.rec.tags.items() if k == "pfe.wall_s")
+                _say(f"done   {_label(state)}  {shown}")
             else:
                 # ended before all its epochs (time budget, lost resources, early stopping): never "finished"
                 tags = {"pfe.stopped_early": "1"} if early_stopping else {}
                 tracker.end_run(state.rec, "incomplete", tags)
+                why = "stopped early by the scheduler" if early_stopping else "ended early"
+                _say(f"INCOMPLETE {_label(state)}: {state.epochs_done} of {asked} epochs ({why})")
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             state = self._state(trial)
-            tracker.end_run(state.rec, "failed", {"pfe.error": _error_text(trial)})
+            error = _error_text(trial)
+            tracker.end_run(state.rec, "failed", {"pfe.error": error})
+            _say(f"FAILED {_label(state)}: {error}")
 
     return TrackingCallback()
+
+
+def _label(state: _TrialState) -> str:
+    role = "stage I" if state.rec.role == "stage1" else "trial"
+    label = state.rec.tags.get("pfe.label", state.rec.key)
+    if state.rec.role == "stage1":
+        return f"[{label}]"
+    return f"[{role} {label} seed {state.rec.tags.get('pfe.seed', '?')}]"
+
+
+def _say(message: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {message}", flush=True)
 
 
 def _error_text(trial: Any) -> str:
