@@ -47,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--fresh", action="store_true", help="start over instead of resuming")
     p.add_argument("--max-concurrent", type=int, help="at most N trials at once")
+    p.add_argument(
+        "--simulate",
+        action="store_true",
+        help="a stand-in trainer with made-up metrics (no data, no torch): checks Ray, MLflow and storage in seconds",
+    )
 
     p = subs["report"]
     p.add_argument("studies", nargs="*", help="study YAML files (default: every study in the store)")
