@@ -130,7 +130,7 @@ def state_checksum(state: dict[str, torch.Tensor]) -> str:
     digest = hashlib.sha256()
     for key in sorted(state):
         digest.update(key.encode())
-        digest.update(state[key].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(state[key].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
