@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from pfe.data.datasets import load_dataset
 
 from pfe.cli import main
 from pfe.config import load_config
+from pfe.data.datasets import load_dataset
 from pfe.data.synth import generate_synthreid
 from pfe.engine.inspect import (
     MLFLOW_RUN_FILE,
