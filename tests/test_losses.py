@@ -82,7 +82,7 @@ def test_region_overlap_gradient_reaches_the_t_convs(images) -> None:
     model.train()
     out = model(x, stage=2)
     ro = region_overlap([out.activation_maps[k] for k in ("A2", "A3", "A4", "A5")])
-    assert float(ro) > 0
+    assert float(ro.detach()) > 0
     ro.backward()
     for s in (2, 3, 4, 5):
         grad = model.side.t[f"T{s}"].weight.grad
