@@ -947,7 +947,11 @@ def plot_curves(records: StudyRecords, out: Path) -> list[Path]:
                 df = pd.concat(series, axis=1)
                 mean = df.mean(axis=1)
                 line = ax.plot(
-                    mean.index, mean.values, label=f"{label} (n={len(series)})" if len(series) > 1 else label
+                    mean.index,
+                    mean.values,
+                    marker="o" if len(mean) <= 12 else None,
+                    markersize=3,
+                    label=f"{label} (n={len(series)})" if len(series) > 1 else label,
                 )
                 if len(series) > 1:
                     std = df.std(axis=1, ddof=1).fillna(0.0)
@@ -955,6 +959,7 @@ def plot_curves(records: StudyRecords, out: Path) -> list[Path]:
             ax.set_title(key, fontsize=9)
             ax.set_xlabel("epoch")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.ticklabel_format(axis="y", useOffset=False)
             ax.grid(alpha=0.3)
         for ax in list(axes.flat)[len(keys) :]:
             ax.axis("off")
