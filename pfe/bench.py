@@ -148,8 +148,9 @@ def _row(name: str, size: str, device: str, runs: list[float]) -> dict[str, Any]
     }
 
 
-def bench_eval(device: str = "auto", quick: bool = False, repeats: int = 3) -> dict[str, Any]:
+def bench_eval(device: str = "auto", quick: bool = False, repeats: int | None = None) -> dict[str, Any]:
     """Run the evaluation benchmark; returns the report as a dict."""
+    repeats = repeats or (1 if quick else 3)
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise DataError("--device cuda: no CUDA device is visible")
@@ -164,6 +165,7 @@ def bench_eval(device: str = "auto", quick: bool = False, repeats: int = 3) -> d
             "cpu_threads": torch.get_num_threads(),
             "machine": platform.machine(),
             "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+            "load_average_1min_at_start": round(os.getloadavg()[0], 2),
         },
         "protocol": "Market-1501 (same pid and camera removed per query), max_rank 50, random features",
         "results": [],
@@ -189,6 +191,12 @@ def bench_eval(device: str = "auto", quick: bool = False, repeats: int = 3) -> d
         runs, (cmc, mAP) = _time(lambda: eval_market1501(dist_np, qp, gp, qc, gc, 50), 1, torch.device("cpu"))
         results.append(_row("torchreid eval_market1501 (pure Python)", size, "cpu", runs))
         report["agreement"]["ours_vs_torchreid"] = _diff(ours, {"cmc": cmc, "mAP": mAP})
+        report["torchreid_reference"] = reference
+        report["notes"].append(
+            "torchreid orders equal distances with NumPy's unstable quicksort, rank_metrics by gallery index; "
+            "float32 distances at this size hold a few exact ties between a correct match and another item, "
+            "so torchreid's mAP may differ in the 7th decimal (the stable per-query loop agrees to 1e-15)"
+        )
     else:
         report["notes"].append(f"torchreid's pure-Python eval not timed: set {TORCHREID_ENV} to its metrics/rank.py")
 
@@ -217,6 +225,7 @@ def bench_eval(device: str = "auto", quick: bool = False, repeats: int = 3) -> d
     if torchreid_key in by_name:
         speedups["vs_torchreid_pure_python"] = by_name[torchreid_key] / ours_cpu
     report["speedup_cpu"] = speedups
+    report["host"]["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)
     return report
 
 
@@ -226,7 +235,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         "# Evaluation benchmark",
         "",
         f"{report['created']}; {host['device']}, {host['cpu_threads']} CPU threads, torch {host['torch']}, "
-        f"numpy {host['numpy']}. {report['protocol']}.",
+        f"numpy {host['numpy']}; 1-min load average {host['load_average_1min_at_start']} at the start, "
+        f"{host.get('load_average_1min_at_end', '?')} at the end. {report['protocol']}.",
         "",
         "| what | size | queries x gallery | device | seconds (median) | runs |",
         "| --- | --- | --- | --- | ---: | --- |",

@@ -34,12 +34,13 @@ def test_golden_covers_the_required_cases() -> None:
     assert GOLDEN["long_gallery/distmat"].shape[1] >= 10000
 
 
+@pytest.mark.parametrize("numpy_on_cpu", [True, False], ids=["numpy", "torch"])
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("case", CASES)
-def test_matches_reference(case: str, method: str) -> None:
+def test_matches_reference(case: str, method: str, numpy_on_cpu: bool) -> None:
     arrays, max_rank = _case(case)
-    # small chunks so that several chunks are accumulated
-    out = rank_metrics(*arrays, max_rank=max_rank, method=method, chunk_elements=2500)
+    # small chunks so that several chunks are accumulated; "torch" is the code path of a GPU
+    out = rank_metrics(*arrays, max_rank=max_rank, method=method, chunk_elements=2500, numpy_on_cpu=numpy_on_cpu)
     assert out["cmc"].shape == (max_rank,)
     np.testing.assert_allclose(out["cmc"], GOLDEN[f"{case}/cmc"], rtol=0, atol=1e-6)
     assert out["mAP"] == pytest.approx(float(GOLDEN[f"{case}/mAP"]), abs=1e-6)
@@ -91,7 +92,8 @@ def test_ties_are_ordered_by_gallery_index(method: str, extra: int) -> None:
     # Query pid 2: order 2 3 4 0* 1 -> match at rank 4: AP = 1/4, INP = 1/4.
     # Query pid 9: no match, left out and counted.
     dist, g_pids, g_cams = _pad_far(TIE_DIST, TIE_G_PIDS, TIE_G_CAMS, extra)
-    out = rank_metrics(dist, TIE_Q_PIDS, g_pids, TIE_Q_CAMS, g_cams, max_rank=8, method=method, per_query=True)
+    out = rank_metrics(dist, TIE_Q_PIDS, g_pids, TIE_Q_CAMS, g_cams, max_rank=8, method=method, per_query=True,
+                       numpy_on_cpu=extra == 0)
     np.testing.assert_allclose(out["cmc"], [0, 0.5, 0.5, 1, 1, 1, 1, 1])
     assert out["mAP"] == pytest.approx((0.5 + 0.25) / 2)
     assert out["mINP"] == pytest.approx((0.5 + 0.25) / 2)
@@ -142,10 +144,12 @@ def test_agrees_with_a_per_query_loop_under_heavy_ties(seed: int) -> None:
     dist = rng.integers(0, 12, (q, g)).astype(np.float32)  # many exact ties
     ref = per_query_numpy(dist, q_pids, g_pids, q_cams, g_cams, 50)
     for method in METHODS:
-        out = rank_metrics(dist, q_pids, g_pids, q_cams, g_cams, 50, method=method, chunk_elements=5000)
-        np.testing.assert_allclose(out["cmc"], ref["cmc"], atol=1e-12)
-        assert out["mAP"] == pytest.approx(ref["mAP"], abs=1e-12)
-        assert out["mINP"] == pytest.approx(ref["mINP"], abs=1e-12)
+        for numpy_on_cpu in (True, False):
+            out = rank_metrics(dist, q_pids, g_pids, q_cams, g_cams, 50, method=method, chunk_elements=5000,
+                               numpy_on_cpu=numpy_on_cpu)
+            np.testing.assert_allclose(out["cmc"], ref["cmc"], atol=1e-12)
+            assert out["mAP"] == pytest.approx(ref["mAP"], abs=1e-12)
+            assert out["mINP"] == pytest.approx(ref["mINP"], abs=1e-12)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -105,11 +105,14 @@ def _match_ranks(
     gc: torch.Tensor,
     index: _GalleryIndex,
     method: str = "auto",
+    numpy_on_cpu: bool = True,
 ) -> MatchRanks:
     """(rows, k, rank, num_rel): the 0-based rank, in the kept ranking of query ``rows[i]``, of its
     ``k[i]``-th valid match; ``num_rel`` = valid matches per query. ``method``: "candidates" sorts
     only the items no farther than each query's farthest match, "sorted" sorts every row's values,
-    "auto" picks by the share of such candidates."""
+    "auto" picks by the share of such candidates. ``numpy_on_cpu=False`` keeps the full passes in
+    torch on CPU too (the code path a GPU takes)."""
+    use_numpy = numpy_on_cpu and dist.device.type == "cpu"
     cols, present = index.columns(qp)
     same_cam = gc[cols] == qc[:, None]
     valid = present & ~same_cam
@@ -119,19 +122,19 @@ def _match_ranks(
         raise ValueError("distmat contains NaN at a correct match")
     far = torch.where(valid, match_d, float("-inf")).amax(1) if cols.shape[1] else match_d.new_zeros(dist.shape[0])
     far = torch.where(num_rel > 0, far, float("nan"))  # a query without a match selects nothing
+    if method == "sorted":
+        return _ranks_from_sorted_values(dist, qp, qc, gp, gc, cols, present & same_cam, valid, match_d, num_rel, use_numpy)
     # The one full pass: which items are no farther than the query's farthest match (the rest
     # rank behind every match and do not matter). NumPy is several times faster than torch on CPU.
-    if method == "sorted":
-        return _ranks_from_sorted_values(dist, qp, qc, gp, gc, cols, present & same_cam, valid, match_d, num_rel)
-    if dist.device.type == "cpu":
+    if use_numpy:
         mask_np = dist.numpy() <= far.numpy()[:, None]
         count = int(np.count_nonzero(mask_np)) if method == "auto" else 0
     else:
         mask = dist <= far[:, None]
         count = int(mask.sum()) if method == "auto" else 0
     if count > SORT_SHARE * dist.numel():
-        return _ranks_from_sorted_values(dist, qp, qc, gp, gc, cols, present & same_cam, valid, match_d, num_rel)
-    if dist.device.type == "cpu":
+        return _ranks_from_sorted_values(dist, qp, qc, gp, gc, cols, present & same_cam, valid, match_d, num_rel, use_numpy)
+    if use_numpy:
         flat = torch.from_numpy(np.flatnonzero(mask_np))
         rows, cand = flat // dist.shape[1], flat % dist.shape[1]
     else:
@@ -161,13 +164,11 @@ def _ranks_from_sorted_values(
     valid: torch.Tensor,
     match_d: torch.Tensor,
     num_rel: torch.Tensor,
+    use_numpy: bool,
 ) -> MatchRanks:
     """Ranks from each row's sorted values: rank = #{items closer} - #{removed items closer}.
     Rows where a match ties exactly with another item are redone with a stable full sort."""
-    if dist.device.type == "cpu":
-        sorted_rows = torch.from_numpy(np.sort(dist.numpy(), axis=1))
-    else:
-        sorted_rows = torch.sort(dist, dim=1).values
+    sorted_rows = torch.from_numpy(np.sort(dist.numpy(), axis=1)) if use_numpy else torch.sort(dist, dim=1).values
     left = torch.searchsorted(sorted_rows, match_d)
     ties = valid & (torch.searchsorted(sorted_rows, match_d, right=True) - left > 1)
     removed_d = torch.where(removed, match_d, float("inf")).sort(dim=1).values
@@ -203,7 +204,7 @@ class RankAccumulator:
     """Accumulates rank statistics over chunks of queries; ``result()`` gives the metrics dict."""
 
     def __init__(self, g_pids: ArrayLike, g_camids: ArrayLike, max_rank: int, device: torch.device,
-                 method: str = "auto", per_query: bool = False) -> None:
+                 method: str = "auto", per_query: bool = False, numpy_on_cpu: bool = True) -> None:
         if max_rank < 1:
             raise ValueError("max_rank must be >= 1")
         if method not in METHODS:
@@ -216,6 +217,7 @@ class RankAccumulator:
         self.index = _GalleryIndex(self.gp)
         self.max_rank = max_rank
         self.method = method
+        self.numpy_on_cpu = numpy_on_cpu
         self.per_query = per_query
         acc = _acc_dtype(device)
         self.cmc_counts = torch.zeros(max_rank + 1, dtype=torch.int64, device=device)
@@ -242,7 +244,9 @@ class RankAccumulator:
         if self.method == "full_sort":
             m_rows, k, m_rank, num_rel = _ranks_by_sort(dist, qp, qc, self.gp, self.gc)
         else:
-            m_rows, k, m_rank, num_rel = _match_ranks(dist, qp, qc, self.gp, self.gc, self.index, self.method)
+            m_rows, k, m_rank, num_rel = _match_ranks(
+                dist, qp, qc, self.gp, self.gc, self.index, self.method, self.numpy_on_cpu
+            )
         acc = self.ap_sum.dtype
         num_q = qp.numel()
         valid_q = num_rel > 0
@@ -302,6 +306,7 @@ def rank_metrics(
     chunk_elements: int | None = None,
     method: str = "auto",
     per_query: bool = False,
+    numpy_on_cpu: bool = True,
 ) -> dict[str, Any]:
     """CMC, mAP and mINP of a query x gallery distance matrix (Market-1501 protocol).
 
@@ -311,7 +316,8 @@ def rank_metrics(
     ``num_valid_queries`` and ``num_invalid_queries`` (queries with no correct match under another
     camera, left out of the averages). ``per_query=True`` adds ``AP`` and ``INP`` arrays (NaN for
     invalid queries). ``method``: "auto" (default), or one of the strategies it chooses from,
-    "candidates" and "sorted", or "full_sort" (a stable argsort of every row: slow, a cross-check).
+    "candidates" and "sorted", or "full_sort" (a stable argsort of every row: slow, a cross-check). On CPU the full passes over
+    the matrix run in NumPy (faster there); ``numpy_on_cpu=False`` keeps them in torch.
     Raises DataError when no query has a valid match.
     """
     dist = _as_float_tensor(distmat)
@@ -319,7 +325,7 @@ def rank_metrics(
         raise ValueError(f"distmat must be 2-D (queries x gallery), got shape {tuple(dist.shape)}")
     device = dist.device
     qp, qc = _as_long(q_pids, device), _as_long(q_camids, device)
-    acc = RankAccumulator(g_pids, g_camids, max_rank, device, method=method, per_query=per_query)
+    acc = RankAccumulator(g_pids, g_camids, max_rank, device, method=method, per_query=per_query, numpy_on_cpu=numpy_on_cpu)
     if qp.numel() != dist.shape[0] or qc.numel() != dist.shape[0]:
         raise ValueError(f"distmat has {dist.shape[0]} rows but {qp.numel()} query pids and {qc.numel()} camids")
     step = _chunk_rows(dist.shape[1], device, chunk_elements)
