@@ -1,7 +1,9 @@
 """The paper's pictures of a trained model, as PNG (matplotlib, Agg backend).
 
 - :func:`activation_figure` (Figs. 1 and 5): one row per image: the input, the activation maps
-  A2..A5 (Eq. 12) over it, and the masks M2..M5 (the masked top-alpha positions in red).
+  A2..A5 (Eq. 12) over it (jet colours, each map stretched to its own min-max, the range printed
+  in the corner with the map's grid size), and the masks M2..M5 (the masked top-alpha positions
+  in red, with their count).
   A model without side branches has no A_s of its own: the same formula is applied to the main
   branch's layer outputs, and the columns say so.
 - :func:`retrieval_figure` (Fig. 9): per query, the top-10 gallery images under F5 alone and under
@@ -102,8 +104,16 @@ def activation_figure(
             a = maps[key][r]
             ax = axes[r][c]
             ax.imshow(img)
-            ax.imshow(_upsample(a, h, w, "bilinear"), cmap="jet", alpha=0.5, vmin=0.0, vmax=1.0)
-            ax.text(1, h - 2, f"{a.shape[0]}x{a.shape[1]}", fontsize=5, color="white")
+            heat = _upsample(a, h, w, "bilinear")
+            lo, hi = float(heat.min()), float(heat.max())
+            ax.imshow((heat - lo) / (hi - lo) if hi > lo else heat * 0, cmap="jet", alpha=0.5, vmin=0.0, vmax=1.0)
+            ax.text(
+                1,
+                h - 2,
+                f"{a.shape[0]}x{a.shape[1]} {float(a.min()):.2f}-{float(a.max()):.2f}",
+                fontsize=5,
+                color="white",
+            )
         for c, key in enumerate(m_keys, start=1 + len(a_keys)):
             m = masks[key][r]
             hidden = _upsample(1.0 - m, h, w, "nearest")
