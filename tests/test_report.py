@@ -217,39 +217,23 @@ def test_report_refuses_a_missing_store(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["report", "--tracking-uri", missing, "--format", "pdf"]) == 2
 
 
-def test_report_after_the_tiny_study(request: pytest.FixtureRequest, tmp_path: Path) -> None:
-    """After the tests' small study (tests/conftest.py: tiny_study_run), md, csv, tex and plots are written."""
-    if "tiny_study_run" not in request.fixturenames and not _has_fixture(request, "tiny_study_run"):
-        pytest.skip("tests/conftest.py has no tiny_study_run fixture yet")
-    run = request.getfixturevalue("tiny_study_run")
-    study, uri = _study_and_uri(run)
+def test_report_after_the_tiny_study(tiny_study_run, tmp_path: Path) -> None:
+    """After the tests' small study (tests/conftest.py: killed once, resumed), md, csv, tex and plots are written."""
     out = tmp_path / "reports"
-    args = ["report", str(study), "--out", str(out)] + (["--tracking-uri", uri] if uri else [])
+    args = ["report", str(tiny_study_run.study), "--out", str(out), "--tracking-uri", tiny_study_run.tracking_uri]
     assert main(args) == 0
-    folders = [p for p in out.iterdir() if p.is_dir()]
-    assert len(folders) == 1
-    folder = folders[0]
-    for name in ("table.md", "table.csv", "table.tex", "index.md", "curves_stage1.png"):
+    folder = out / "tiny"
+    for name in ("table.md", "table.csv", "table.tex", "index.md", "curves_stage1.png", "curves_stage2.png"):
         assert (folder / name).is_file(), name
     table = pd.read_csv(folder / "table.csv")
-    assert table["row"].iloc[-1] == "total" and table["trials"].iloc[-1] >= 1
-    assert (table["cpu_h"].iloc[-1] + table["gpu_h"].iloc[-1]) > 0
-    assert list(folder.glob("*.png"))
+    assert list(table["row"]) == ["TSAM", "TSAM+side", "TSAM+MFA", "total"]  # the study file's variant order
+    assert list(table["status"]) == ["1 of 1 finished"] * 3 + ["3 of 3 finished"]
+    assert (table["cpu_h"] > 0).all() and (table["gpu_h"] == 0).all()  # CPU trials; TSAM costs its stage-I share
+    assert table["cpu_h"].iloc[-1] == pytest.approx(table["cpu_h"].iloc[:-1].sum())
+    assert table["rank1_n"].iloc[:-1].tolist() == [1, 1, 1] and table["rank1_mean"].iloc[:-1].between(0, 100).all()
+    assert r"\toprule" in (folder / "table.tex").read_text()
+    assert "| TSAM+MFA" in (folder / "table.md").read_text()
     assert (out / "index.md").is_file() and (out / "index.html").is_file()
-
-
-def _has_fixture(request: pytest.FixtureRequest, name: str) -> bool:
-    return bool(request._fixturemanager.getfixturedefs(name, request.node))  # noqa: SLF001
-
-
-def _study_and_uri(run: object) -> tuple[Path, str | None]:
-    """The fixture's study file and tracking URI, whatever shape it has (object, dict or tuple)."""
-    if isinstance(run, dict):
-        return Path(run.get("study") or run["study_file"]), run.get("tracking_uri") or run.get("uri")
-    if isinstance(run, tuple | list):
-        return Path(run[0]), (str(run[1]) if len(run) > 1 else None)
-    study = getattr(run, "study_file", None) or getattr(run, "study", None) or run.path
-    return Path(study), getattr(run, "tracking_uri", None) or getattr(run, "uri", None)
 
 
 GRID_YAML = """\
