@@ -11,6 +11,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from pfe.errors import NotYetAvailable, PFEError
 
@@ -86,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=5000)
 
     p = subs["bench"]
-    p.add_argument("what", nargs="?", default="all", choices=["all", "eval", "train"])
+    p.add_argument("what", nargs="?", default="all", choices=["all", "eval", "rerank", "train"])
     p.add_argument("--device", default="auto", help="cpu | cuda (default: cuda when present)")
     p.add_argument("--out", default="reports/bench", help="output folder for JSON and Markdown")
     p.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
@@ -118,8 +119,16 @@ def _handler(command: str) -> Callable[[argparse.Namespace], int]:
     return getattr(module, func_name)
 
 
+def _split_config_and_overrides(args: argparse.Namespace) -> None:
+    """`train key=value` with no config file: argparse took the first override for the config."""
+    config = getattr(args, "config", None)
+    if config is not None and "=" in config and not Path(config).is_file():
+        args.config, args.overrides = None, [config, *args.overrides]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _split_config_and_overrides(args)
     try:
         return int(_handler(args.command)(args) or 0)
     except PFEError as err:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -129,10 +128,7 @@ def format_table(result: dict[str, Any]) -> str:
 
 def cli_profile(args: argparse.Namespace) -> int:
     """`pfe-study profile [CONFIG] [key=value ...] [--json]`; without CONFIG the paper's setting."""
-    config, overrides = args.config, list(args.overrides or [])
-    if config is not None and "=" in config and not Path(config).is_file():
-        config, overrides = None, [config, *overrides]  # `profile key=value`: no config file given
-    cfg = load_config(config, overrides)
+    cfg = load_config(args.config, args.overrides)
     result = table5(cfg)
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 0
