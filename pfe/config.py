@@ -39,7 +39,8 @@ class DataConfig(_Section):
     root: str | None = Field(None, description="data root; default: $PFE_DATA, else ./data")
     cuhk03_split: Literal["detected", "labeled"] = "detected"
     msmt_version: Literal["v1", "v2"] = "v2"
-    # torchreid and fast-reid both train MSMT17 on train + val (32,621 images); keep that default.
+    # The paper trains MSMT17 on 32,621 images (Sec. V-A): the official train + val lists. torchreid and
+    # fast-reid add val only with `combineall`; set False to match their 30,248-image default.
     msmt_train_includes_val: bool = True
     height: int = Field(384, ge=32, le=1024)
     width: int = Field(192, ge=16, le=1024)
