@@ -6,6 +6,9 @@ against a per-query NumPy loop of the same protocol (:func:`per_query_numpy`), a
 MSMT17 size (11,659 x 82,161). torchreid's pure-Python ``eval_market1501`` is not shipped here; set
 ``PFE_BENCH_TORCHREID_RANK`` to the path of its ``metrics/rank.py`` (from the torchreid source
 archive) and the benchmark loads that file on its own and times it once too.
+
+``bench rerank`` times k-reciprocal re-ranking (:mod:`pfe.engine.rerank`) at Market-1501 size
+(and MSMT17 size on a GPU) in a fresh subprocess, with that process's peak resident memory.
 """
 
 from __future__ import annotations
@@ -260,11 +263,82 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ---- re-ranking -----------------------------------------------------------------------------------
+def bench_rerank(device: str = "auto", quick: bool = False) -> dict[str, Any]:
+    """Time and peak memory of k-reciprocal re-ranking (k1 20, k2 6, lambda 0.3), each size in a
+    fresh subprocess: Market-1501 size at 2048-d (F5) and 3584-d (F2_F3_F4_F5 of ResNet50 PFE),
+    and on a GPU also MSMT17 size."""
+    from pfe.engine.rerank import rerank_benchmark
+
+    dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        raise DataError("--device cuda: no CUDA device is visible")
+    cases = [("quick", 300, 1500, 256)]
+    if not quick:
+        cases = [("market1501", 3368, 15913, 2048), ("market1501", 3368, 15913, 3584)]
+        if dev.startswith("cuda"):
+            cases.append(("msmt17", 11659, 82161, 3584))
+    report: dict[str, Any] = {
+        "benchmark": "rerank",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "host": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cpu_threads": torch.get_num_threads(),
+            "device": torch.cuda.get_device_name(dev) if dev.startswith("cuda") else "cpu",
+            "load_average_1min_at_start": round(os.getloadavg()[0], 2),
+        },
+        "protocol": "k-reciprocal re-ranking (Zhong et al. 2017), k1 20, k2 6, lambda 0.3, on L2-normalised features "
+        "clustered around (Q+G)/20 centres; each size in a fresh process; peak RSS is that process's maximum "
+        "(it includes generating the features: see RSS before)",
+        "results": [],
+    }
+    for size, q, g, dim in cases:
+        row = rerank_benchmark(q, g, dim, dev)
+        report["results"].append({"size": size, **row})
+    report["host"]["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)
+    return report
+
+
+def render_rerank_markdown(report: dict[str, Any]) -> str:
+    host = report["host"]
+    lines = [
+        "# Re-ranking benchmark",
+        "",
+        f"{report['created']}; {host['device']}, {host['cpu_threads']} CPU threads, torch {host['torch']}; "
+        f"1-min load average {host['load_average_1min_at_start']} at the start, "
+        f"{host.get('load_average_1min_at_end', '?')} at the end. {report['protocol']}.",
+        "",
+        "| size | queries x gallery | dim | device | wall s | CPU s | peak RSS MB | RSS before MB | peak GPU MB |",
+        "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in report["results"]:
+        lines.append(
+            f"| {r['size']} | {r['num_query']:,} x {r['num_gallery']:,} | {r['dim']} | {r['device']} | "
+            f"{r['rerank_s']:.2f} | {r['cpu_s']:.2f} | {r['peak_rss_mb']:.0f} | {r['rss_before_mb']:.0f} | "
+            f"{r.get('peak_gpu_mb', '-')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _write_report(out: Path, stem: str, report: dict[str, Any], markdown: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(markdown)
+    sys.stdout.write(markdown)
+    print(f"wrote {out / stem}.json and .md")
+
+
 def cli_bench(args: argparse.Namespace) -> int:
-    """`pfe-study bench [all|eval|train] [--device D] [--out DIR] [--quick]`."""
+    """`pfe-study bench [all|eval|rerank|train] [--device D] [--out DIR] [--quick]`."""
     what = getattr(args, "what", "all")
     if what == "train":
         raise NotYetAvailable("`pfe-study bench train` (training throughput and memory) arrives with the GPU issue")
+    if what == "rerank":
+        rr = bench_rerank(device=args.device, quick=args.quick)
+        stem = f"rerank_{'cuda' if rr['host']['device'] != 'cpu' else 'cpu'}" + ("_quick" if args.quick else "")
+        _write_report(Path(args.out), stem, rr, render_rerank_markdown(rr))
+        return 0
     report = bench_eval(device=args.device, quick=args.quick)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -276,5 +350,8 @@ def cli_bench(args: argparse.Namespace) -> int:
     sys.stdout.write(markdown)
     print(f"wrote {out / stem}.json and .md")
     if what == "all":
+        rr = bench_rerank(device=args.device, quick=args.quick)
+        stem = f"rerank_{'cuda' if rr['host']['device'] != 'cpu' else 'cpu'}" + ("_quick" if args.quick else "")
+        _write_report(out, stem, rr, render_rerank_markdown(rr))
         print("bench train: not available yet (arrives with the GPU issue)")
     return 0

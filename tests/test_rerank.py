@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
+from pfe.cli import main
 from pfe.engine.rerank import _groups, clustered_features, k_reciprocal_rerank
 
 
@@ -79,3 +83,12 @@ def test_bad_arguments() -> None:
         k_reciprocal_rerank(q, g, k1=20)
     with pytest.raises(ValueError, match="k2"):
         k_reciprocal_rerank(q, g, k1=5, k2=7)
+
+
+def test_bench_rerank_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "rerank", "--quick", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "rerank_cpu_quick.json").read_text())
+    (row,) = report["results"]
+    assert (row["num_query"], row["num_gallery"], row["finite"]) == (300, 1500, True)
+    assert row["peak_rss_mb"] > 0 and row["rerank_s"] > 0
+    assert "| quick | 300 x 1,500 |" in capsys.readouterr().out

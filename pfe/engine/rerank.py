@@ -21,7 +21,8 @@ import json
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -31,6 +32,19 @@ __all__ = ["k_reciprocal_rerank", "rerank_benchmark", "rerank_sets"]
 
 # At most this many float elements in one temporary (distance rows, joined pairs): ~64 MB float32.
 _BUDGET = 1 << 24
+
+
+@contextmanager
+def _one_cpu_thread(device: torch.device) -> Iterator[None]:
+    if device.type != "cpu":
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _as_tensor(x: Tensor | np.ndarray) -> Tensor:
@@ -162,105 +176,110 @@ def k_reciprocal_rerank(
                 _merge(near, near_d, rowmax, rj, d, bi)
                 _copy_query_block(out, d, rj, ri, nq)
             del d
-    rowmax.clamp_min_(torch.finfo(dt).tiny)
-    out /= rowmax[:nq, None]
-    nbr = near[:, :kk].contiguous()
+    # The rest is many small sparse operations: one CPU thread does them faster than two on a
+    # busy machine (multi-threaded ops wait for descheduled workers; measured 2-3x at 3,000 images).
+    with _one_cpu_thread(dev):
+        rowmax.clamp_min_(torch.finfo(dt).tiny)
+        out /= rowmax[:nq, None]
+        nbr = near[:, :kk].contiguous()
 
-    # ---- k-reciprocal sets R(i, k1), R(i, k1/2) and their local expansion R*(i, k1)
-    nh = nbr[:, :half].contiguous()
-    r_full = torch.where(_reciprocal(nbr, max(1, _BUDGET // (kk * kk))), nbr, -1)  # n x kk, -1 = absent
-    r_half = torch.where(_reciprocal(nh, max(1, _BUDGET // (half * half))), nh, -1)  # n x half
-    half_size = (r_half >= 0).sum(dim=1).to(torch.float64)
-    two_thirds = torch.tensor(2.0 / 3.0, dtype=torch.float64, device=dev)
-    ent_rows, ent_cols = [], []
-    step = max(1, _BUDGET // (kk * half * kk))
-    for s in range(0, n, step):
-        ids = torch.arange(s, min(n, s + step), device=dev)
-        rf = r_full[ids]  # c x kk
-        cand = rf.clamp_min(0)
-        rc = r_half[cand]  # c x kk x half: R(candidate, k1/2)
-        inter = ((rc[..., None] == rf[:, None, None, :]) & (rc[..., None] >= 0)).any(dim=3).sum(dim=2)
-        keep = (rf >= 0) & (inter.to(torch.float64) > two_thirds * half_size[cand])
-        rc = torch.where(keep[..., None], rc, -1)
-        expanded = torch.cat([rf, rc.flatten(1)], dim=1).sort(dim=1).values
-        dup = torch.zeros_like(expanded, dtype=torch.bool)
-        dup[:, 1:] = expanded[:, 1:] == expanded[:, :-1]
-        valid = (expanded >= 0) & ~dup
-        r, c = valid.nonzero(as_tuple=True)
-        ent_rows.append(ids[r])
-        ent_cols.append(expanded[r, c])
-        del rc, inter, expanded, valid
-    rows_v, cols_v = torch.cat(ent_rows), torch.cat(ent_cols)  # sorted by row, then column
-    del ent_rows, ent_cols, r_full, r_half
-
-    # ---- V: Gaussian weights over R*(i, k1), rows summing to 1
-    dist_v = torch.empty(rows_v.numel(), dtype=dt, device=dev)
-    step = max(1, _BUDGET // kept)
-    for s in range(0, rows_v.numel(), step):
-        r, c = rows_v[s : s + step], cols_v[s : s + step]
-        hit = near[r] == c[:, None]
-        found = hit.any(dim=1)
-        dist_v[s : s + step] = torch.where(found, near_d[r].gather(1, hit.int().argmax(dim=1, keepdim=True))[:, 0], 0)
-        miss = (~found).nonzero()[:, 0]
-        if miss.numel():
-            dist_v[s + miss] = _pair_sqdist(x, sq, r[miss], c[miss])
-    del near, near_d
-    dist_v /= rowmax[rows_v]
-    w = torch.exp(-dist_v)
-    wsum = torch.zeros(n, dtype=dt, device=dev).index_add_(0, rows_v, w)
-    vals_v = w / wsum[rows_v]
-    del dist_v, w, wsum
-    crow, col, val = _to_csr(rows_v, cols_v, vals_v, n)
-    del rows_v, cols_v, vals_v
-
-    # ---- query expansion: V_qe[i] = mean of V over i's k2 nearest neighbours
-    if k2 > 1:
-        qe_rows, qe_cols, qe_vals = [], [], []
-        avg = max(1, col.numel() // n)
-        step = max(1, _BUDGET // (k2 * avg))
+        # ---- k-reciprocal sets R(i, k1), R(i, k1/2) and their local expansion R*(i, k1)
+        nh = nbr[:, :half].contiguous()
+        r_full = torch.where(_reciprocal(nbr, max(1, _BUDGET // (kk * kk))), nbr, -1)  # n x kk, -1 = absent
+        r_half = torch.where(_reciprocal(nh, max(1, _BUDGET // (half * half))), nh, -1)  # n x half
+        half_size = (r_half >= 0).sum(dim=1).to(torch.float64)
+        two_thirds = torch.tensor(2.0 / 3.0, dtype=torch.float64, device=dev)
+        ent_rows, ent_cols = [], []
+        step = max(1, _BUDGET // (kk * half * kk))
         for s in range(0, n, step):
             ids = torch.arange(s, min(n, s + step), device=dev)
-            src = nbr[ids, :k2].reshape(-1)
-            owner, c, v = _csr_gather(crow, col, val, src)
-            owner = ids[owner // k2]
-            key, inverse = torch.unique(owner * n + c, return_inverse=True)  # sorted: row, then column
-            summed = torch.zeros(key.numel(), dtype=dt, device=dev).index_add_(0, inverse, v) / k2
-            qe_rows.append(key // n)
-            qe_cols.append(key % n)
-            qe_vals.append(summed)
-        crow, col, val = _to_csr(torch.cat(qe_rows), torch.cat(qe_cols), torch.cat(qe_vals), n)
-        del qe_rows, qe_cols, qe_vals
-    del nbr
-    row_sum = torch.zeros(n, dtype=dt, device=dev).index_add_(
-        0, torch.repeat_interleave(torch.arange(n, device=dev), crow[1:] - crow[:-1]), val
-    )
+            rf = r_full[ids]  # c x kk
+            cand = rf.clamp_min(0)
+            rc = r_half[cand]  # c x kk x half: R(candidate, k1/2)
+            inter = ((rc[..., None] == rf[:, None, None, :]) & (rc[..., None] >= 0)).any(dim=3).sum(dim=2)
+            keep = (rf >= 0) & (inter.to(torch.float64) > two_thirds * half_size[cand])
+            rc = torch.where(keep[..., None], rc, -1)
+            expanded = torch.cat([rf, rc.flatten(1)], dim=1).sort(dim=1).values
+            dup = torch.zeros_like(expanded, dtype=torch.bool)
+            dup[:, 1:] = expanded[:, 1:] == expanded[:, :-1]
+            valid = (expanded >= 0) & ~dup
+            r, c = valid.nonzero(as_tuple=True)
+            ent_rows.append(ids[r])
+            ent_cols.append(expanded[r, c])
+            del rc, inter, expanded, valid
+        rows_v, cols_v = torch.cat(ent_rows), torch.cat(ent_cols)  # sorted by row, then column
+        del ent_rows, ent_cols, r_full, r_half
 
-    # ---- inverted index: the gallery rows' entries of V, grouped by column
-    grow = torch.repeat_interleave(torch.arange(n, device=dev), crow[1:] - crow[:-1])
-    is_g = grow >= nq
-    g_rows, g_cols, g_vals = grow[is_g] - nq, col[is_g], val[is_g]
-    order = torch.argsort(g_cols, stable=True)
-    inv_crow, inv_rows, inv_vals = _to_csr(g_cols[order], g_rows[order], g_vals[order], n)
-    del grow, is_g, g_rows, g_cols, g_vals, order
-    inv_counts = inv_crow[1:] - inv_crow[:-1]
+        # ---- V: Gaussian weights over R*(i, k1), rows summing to 1
+        dist_v = torch.empty(rows_v.numel(), dtype=dt, device=dev)
+        step = max(1, _BUDGET // kept)
+        for s in range(0, rows_v.numel(), step):
+            r, c = rows_v[s : s + step], cols_v[s : s + step]
+            hit = near[r] == c[:, None]
+            found = hit.any(dim=1)
+            dist_v[s : s + step] = torch.where(
+                found, near_d[r].gather(1, hit.int().argmax(dim=1, keepdim=True))[:, 0], 0
+            )
+            miss = (~found).nonzero()[:, 0]
+            if miss.numel():
+                dist_v[s + miss] = _pair_sqdist(x, sq, r[miss], c[miss])
+        del near, near_d
+        dist_v /= rowmax[rows_v]
+        w = torch.exp(-dist_v)
+        wsum = torch.zeros(n, dtype=dt, device=dev).index_add_(0, rows_v, w)
+        vals_v = w / wsum[rows_v]
+        del dist_v, w, wsum
+        crow, col, val = _to_csr(rows_v, cols_v, vals_v, n)
+        del rows_v, cols_v, vals_v
 
-    # ---- Jaccard distance of each query to each gallery image, sparse join, in query groups
-    q_counts = torch.zeros(nq, dtype=torch.long, device=dev)
-    q_owner = torch.repeat_interleave(torch.arange(nq, device=dev), crow[1 : nq + 1] - crow[:nq])
-    q_counts.index_add_(0, q_owner, inv_counts[col[: crow[nq]]])
-    bounds = _groups(q_counts.cpu(), max_total=_BUDGET, max_rows=max(1, _BUDGET // max(1, ng)))
-    for s, e in bounds:
-        ids = torch.arange(s, e, device=dev)
-        owner, k, a = _csr_gather(crow, col, val, ids)  # query entries (i, k, V[i, k])
-        pos, j, b = _csr_gather(inv_crow, inv_rows, inv_vals, k)  # gallery entries of column k
-        mins = torch.minimum(a[pos], b)
-        inter = torch.zeros((e - s) * ng, dtype=dt, device=dev)
-        inter.index_add_(0, owner[pos] * ng + j, mins)
-        inter = inter.view(e - s, ng)
-        union = row_sum[s:e, None] + row_sum[None, nq:] - inter
-        jaccard = 1.0 - inter / union.clamp_min(torch.finfo(dt).tiny)
-        out[s:e].mul_(lambda_value).add_(jaccard, alpha=1.0 - lambda_value)
-        del owner, k, a, pos, j, b, mins, inter, union, jaccard
+        # ---- query expansion: V_qe[i] = mean of V over i's k2 nearest neighbours
+        if k2 > 1:
+            qe_rows, qe_cols, qe_vals = [], [], []
+            avg = max(1, col.numel() // n)
+            step = max(1, _BUDGET // (k2 * avg))
+            for s in range(0, n, step):
+                ids = torch.arange(s, min(n, s + step), device=dev)
+                src = nbr[ids, :k2].reshape(-1)
+                owner, c, v = _csr_gather(crow, col, val, src)
+                owner = ids[owner // k2]
+                key, inverse = torch.unique(owner * n + c, return_inverse=True)  # sorted: row, then column
+                summed = torch.zeros(key.numel(), dtype=dt, device=dev).index_add_(0, inverse, v) / k2
+                qe_rows.append(key // n)
+                qe_cols.append(key % n)
+                qe_vals.append(summed)
+            crow, col, val = _to_csr(torch.cat(qe_rows), torch.cat(qe_cols), torch.cat(qe_vals), n)
+            del qe_rows, qe_cols, qe_vals
+        del nbr
+        row_sum = torch.zeros(n, dtype=dt, device=dev).index_add_(
+            0, torch.repeat_interleave(torch.arange(n, device=dev), crow[1:] - crow[:-1]), val
+        )
+
+        # ---- inverted index: the gallery rows' entries of V, grouped by column
+        grow = torch.repeat_interleave(torch.arange(n, device=dev), crow[1:] - crow[:-1])
+        is_g = grow >= nq
+        g_rows, g_cols, g_vals = grow[is_g] - nq, col[is_g], val[is_g]
+        order = torch.argsort(g_cols, stable=True)
+        inv_crow, inv_rows, inv_vals = _to_csr(g_cols[order], g_rows[order], g_vals[order], n)
+        del grow, is_g, g_rows, g_cols, g_vals, order
+        inv_counts = inv_crow[1:] - inv_crow[:-1]
+
+        # ---- Jaccard distance of each query to each gallery image, sparse join, in query groups
+        q_counts = torch.zeros(nq, dtype=torch.long, device=dev)
+        q_owner = torch.repeat_interleave(torch.arange(nq, device=dev), crow[1 : nq + 1] - crow[:nq])
+        q_counts.index_add_(0, q_owner, inv_counts[col[: crow[nq]]])
+        bounds = _groups(q_counts.cpu(), max_total=_BUDGET, max_rows=max(1, _BUDGET // max(1, ng)))
+        for s, e in bounds:
+            ids = torch.arange(s, e, device=dev)
+            owner, k, a = _csr_gather(crow, col, val, ids)  # query entries (i, k, V[i, k])
+            pos, j, b = _csr_gather(inv_crow, inv_rows, inv_vals, k)  # gallery entries of column k
+            mins = torch.minimum(a[pos], b)
+            inter = torch.zeros((e - s) * ng, dtype=dt, device=dev)
+            inter.index_add_(0, owner[pos] * ng + j, mins)
+            inter = inter.view(e - s, ng)
+            union = row_sum[s:e, None] + row_sum[None, nq:] - inter
+            jaccard = 1.0 - inter / union.clamp_min(torch.finfo(dt).tiny)
+            out[s:e].mul_(lambda_value).add_(jaccard, alpha=1.0 - lambda_value)
+            del owner, k, a, pos, j, b, mins, inter, union, jaccard
     return out
 
 
