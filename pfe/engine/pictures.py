@@ -150,15 +150,28 @@ def ranked_gallery(
     g_camids: np.ndarray,
     top: int = 10,
 ) -> list[list[int]]:
-    """For each query row, the indices of its ``top`` nearest gallery items (same id + same camera skipped)."""
-    qf = set_features(query, set_name)[torch.as_tensor(list(rows), device=query["F5"].device)]
-    gf = set_features(gallery, set_name).to(qf.device)
-    dist = euclidean_distances(qf, gf).cpu().numpy()
-    out = []
-    for k, i in enumerate(rows):
-        order = np.argsort(dist[k], kind="stable")
-        junk = (g_pids[order] == q_pids[i]) & (g_camids[order] == q_camids[i])
-        out.append(order[~junk][:top].tolist())
+    """For each query row, the indices of its ``top`` nearest gallery items (same id + same camera
+    skipped, as the protocol does), nearest first; computed in chunks of queries."""
+    qf_all = set_features(query, set_name)
+    gf = set_features(gallery, set_name).to(qf_all.device)
+    dev = gf.device
+    gp = torch.as_tensor(np.asarray(g_pids), device=dev)
+    gc = torch.as_tensor(np.asarray(g_camids), device=dev)
+    g_sq = (gf * gf).sum(1)
+    k = min(top, gf.shape[0])
+    out: list[list[int]] = []
+    rows = list(rows)
+    step = max(1, (1 << 22) // max(1, gf.shape[0]))
+    for s in range(0, len(rows), step):
+        ids = rows[s : s + step]
+        idx = torch.as_tensor(ids, device=dev)
+        dist = euclidean_distances(qf_all[idx], gf, g_sq)
+        qp = torch.as_tensor(np.asarray(q_pids)[ids], device=dev)
+        qc = torch.as_tensor(np.asarray(q_camids)[ids], device=dev)
+        dist.masked_fill_((gp[None] == qp[:, None]) & (gc[None] == qc[:, None]), float("inf"))
+        vals, order = torch.topk(dist, k, dim=1, largest=False, sorted=True)
+        for v, o in zip(vals.cpu(), order.cpu()):
+            out.append(o[torch.isfinite(v)].tolist())
     return out
 
 
@@ -229,7 +242,11 @@ def pick_queries(
 ) -> tuple[list[int], str]:
     """Queries to show: those with a valid match; up to half where the sets disagree at rank 1
     (what Fig. 9 illustrates), the rest evenly spaced. Returns (rows, a description of the choice)."""
-    valid = [i for i in range(len(q_pids)) if np.any((g_pids == q_pids[i]) & (g_camids != q_camids[i]))]
+    cams_of: dict[int, set[int]] = {}
+    for p, c in zip(np.asarray(g_pids).tolist(), np.asarray(g_camids).tolist()):
+        cams_of.setdefault(p, set()).add(c)
+    q_list, qc_list = np.asarray(q_pids).tolist(), np.asarray(q_camids).tolist()
+    valid = [i for i, (p, c) in enumerate(zip(q_list, qc_list)) if cams_of.get(p, set()) - {c}]
     if not valid:
         valid = list(range(len(q_pids)))
     chosen: list[int] = []
