@@ -1,7 +1,9 @@
 """8 concurrent Tune trials logging into ONE SQLite store through the runner's tracking code.
 
 The trials use `pfe-study run --simulate` (a stand-in trainer: same reporting path, made-up metrics,
-no torch, no data), so this costs Ray start-up plus seconds, not training time.
+no torch, no data), so this costs Ray start-up plus seconds, not training time. One trial's worker
+process dies once at epoch 3 (PFE_SIMULATE_CRASH_ONCE): Tune retries it from its last checkpoint
+(FailureConfig) and its MLflow history still has exactly one point per epoch.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ FINAL_KEYS = ["rank1", "mAP", "mINP"]
 
 def test_eight_concurrent_trials_lose_no_metric_point(tmp_path: Path) -> None:
     (tmp_path / "study.yaml").write_text(STUDY)
-    env = dict(os.environ, PFE_SIMULATE_EPOCH_S="1.0")
+    (tmp_path / "crash").mkdir()
+    env = dict(os.environ, PFE_SIMULATE_EPOCH_S="1.0", PFE_SIMULATE_CRASH_ONCE=str(tmp_path / "crash"))
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run(
@@ -72,6 +75,10 @@ def test_eight_concurrent_trials_lose_no_metric_point(tmp_path: Path) -> None:
             assert steps == [EPOCHS], (key, steps)
             points += 1
     assert points == 8 * (len(TRAIN_KEYS) * EPOCHS + len(EVAL_KEYS) + len(FINAL_KEYS))
+
+    # one worker died once; the retry resumed from its checkpoint, so every history above is whole
+    assert (tmp_path / "crash" / "crashed").is_file()
+    assert proc.stdout.count("(resuming after epoch 2)") == 1  # Tune's retry started after the epoch-2 checkpoint
 
     # they really ran at the same time: the most runs open at one moment
     spans = [(r.info.start_time, r.info.end_time) for r in trials]

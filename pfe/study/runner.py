@@ -21,6 +21,7 @@ from the checkpoint recorded in MLflow (``pfe.checkpoint``), and skips finished 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -116,6 +117,7 @@ def run_study(
             f"this one expands to {len(trials)}"
         )
     if not simulate:
+        trials = [_with_data_root(t) for t in trials]
         prepare_data(spec, trials)
 
     tracker = StudyTracker(uri, spec.experiment, spec.name, str(Path(spec.source).resolve()))
@@ -160,6 +162,17 @@ def run_study(
             import ray
 
             ray.shutdown()
+
+
+def _with_data_root(trial: Trial) -> Trial:
+    """data.root unset means $PFE_DATA, else ./data, as seen by the driver: made absolute here, because
+    Tune runs trials in other working directories (data.root is not hashed: ids do not change)."""
+    if trial.cfg.data.root:
+        return trial
+    from pfe.data.datasets import resolve_root
+
+    root = str(resolve_root(None).resolve())
+    return dataclasses.replace(trial, cfg=trial.cfg.with_overrides({"data.root": root}))
 
 
 def prepare_data(spec: StudySpec, trials: list[Trial]) -> None:
@@ -208,18 +221,19 @@ def _check_resources(spec: StudySpec, address: str | None) -> None:
 
     total = ray.cluster_resources()
     gpus, cpus = float(total.get("GPU", 0)), float(total.get("CPU", 0))
-    if spec.resources.gpu > gpus:
-        raise ConfigError(
-            f"{spec.source}: resources.gpu: each trial asks for {spec.resources.gpu:g} GPU but the Ray cluster has "
-            f"{gpus:g}; set `resources: {{gpu: 0}}` to train on the CPU (slow), or run on a GPU machine/cluster"
-        )
-    if spec.resources.cpu > cpus:
-        if address:
+    for where, res in (("resources", spec.resources), ("resources.stage1", spec.resources.stage1)):
+        if res is None:
+            continue
+        if res.gpu > gpus:
             raise ConfigError(
-                f"{spec.source}: resources.cpu: each trial asks for {spec.resources.cpu:g} CPUs; the cluster has {cpus:g}"
+                f"{spec.source}: {where}.gpu: a trial asks for {res.gpu:g} GPU but the Ray cluster has {gpus:g}; "
+                "set `gpu: 0` to train on the CPU (slow), or run on a GPU machine or cluster"
             )
-        print(f"note: resources.cpu {spec.resources.cpu:g} > this machine's {cpus:g} CPUs; using {cpus:g} per trial")
-        spec.resources.cpu = cpus
+        if res.cpu > cpus:
+            if address:
+                raise ConfigError(f"{spec.source}: {where}.cpu: a trial asks for {res.cpu:g} CPUs; the cluster has {cpus:g}")
+            print(f"note: {where}.cpu {res.cpu:g} > this machine's {cpus:g} CPUs; using {cpus:g}")
+            res.cpu = cpus
 
 
 # ---- planning and the two phases ---------------------------------------------------------------
@@ -255,7 +269,7 @@ class Plan:
         self.groups: dict[str, list[Trial]] = {}
         for trial in trials:
             self.groups.setdefault(trial.stage1_key, []).append(trial)
-        self.gpu = spec.resources.gpu
+        self.gpu = {role: spec.resources.for_role(role).gpu for role in ("stage1", "trial")}
         self.unfinished_now: list[str] = []
         self.already_finished_at_start: list[str] = self.already_finished()
 
@@ -319,10 +333,10 @@ class Plan:
             **extra,
         }
 
-    def _common_tags(self, seed: int) -> dict[str, str]:
+    def _common_tags(self, seed: int, role: str = "trial") -> dict[str, str]:
         return {
             "pfe.seed": str(seed),
-            "pfe.gpu_fraction": f"{self.gpu:g}",
+            "pfe.gpu_fraction": f"{self.gpu[role]:g}",
             "pfe.host": _host(),
             "pfe.storage_path": mask_uri(self.spec.storage_path),
         }
@@ -384,7 +398,7 @@ class Plan:
         cfg = validate_config(payload["cfg"])
         members = self.groups.get(key, [])
         tags = {
-            **self._common_tags(cfg.runtime.seed),
+            **self._common_tags(cfg.runtime.seed, "stage1"),
             "pfe.stage1_key": key,
             "pfe.epochs_asked": str(payload["epochs_asked"]),
             "pfe.shared_by": str(len(members)),
@@ -426,7 +440,7 @@ class Plan:
                     "pfe.epochs_asked": "0",
                     "pfe.wall_s": "0",
                     "pfe.device_kind": s1.tags.get("pfe.device_kind", ""),
-                    "pfe.gpu_fraction": s1.tags.get("pfe.gpu_fraction", f"{self.gpu:g}"),
+                    "pfe.gpu_fraction": s1.tags.get("pfe.gpu_fraction", f"{self.gpu['stage1']:g}"),
                 },
             )
 
@@ -576,10 +590,16 @@ class Plan:
             self.tracker,
             open_run=self._open_for_tune,
             storage=spec.storage_path,
-            gpu_fraction=spec.resources.gpu,
+            gpu_fraction=self.gpu,
             early_stopping=scheduler is not None,
         )
-        trainable = tune.with_resources(_trainable, resources={"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
+        resources = {role: spec.resources.for_role(role) for role in ("stage1", "trial")}
+
+        def request(config: dict[str, Any]) -> Any:
+            res = resources["stage1" if config["pfe"]["role"] == "stage1" else "trial"]
+            return tune.PlacementGroupFactory([{"CPU": res.cpu, "GPU": res.gpu}])
+
+        trainable = tune.with_resources(_trainable, resources=request)
         tuner = tune.Tuner(
             trainable,
             param_space=param_space or {},
@@ -865,6 +885,20 @@ def _trainable(config: dict[str, Any]) -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def _maybe_crash(stage: int, epoch: int) -> None:
+    """PFE_SIMULATE_CRASH_ONCE=DIR: the first simulated trial to reach stage-II epoch 3 kills its worker
+    process once (a lost node, as far as Tune can tell), to exercise FailureConfig retries."""
+    folder = os.environ.get("PFE_SIMULATE_CRASH_ONCE")
+    if not folder or stage != 2 or epoch != 3:
+        return
+    try:
+        fd = os.open(Path(folder) / "crashed", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.close(fd)
+    os._exit(1)
+
+
 def _simulated(payload: dict[str, Any]) -> None:
     """`--simulate`: the same reporting path with made-up metrics and tiny checkpoint files (no torch, no data).
     Checks a cluster, a tracking server and the storage in seconds."""
@@ -896,6 +930,7 @@ def _simulated(payload: dict[str, Any]) -> None:
             epochs = reporter.stage_epochs[stage]
             for epoch in range(start[stage], epochs + 1):
                 time.sleep(delay)
+                _maybe_crash(stage, epoch)
                 seed = cfg["runtime"]["seed"]
                 metrics = {
                     f"train/stage{stage}/loss": 5.0 / (epoch + seed + 1),

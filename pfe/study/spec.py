@@ -176,8 +176,8 @@ class SearchSpec(_Strict):
     scheduler: SchedulerSpec | None = None
 
 
-class ResourcesSpec(_Strict):
-    """Per trial. Fractions of a GPU are allowed (several trials share one GPU)."""
+class Resources(_Strict):
+    """CPUs and GPUs of one Tune trial. Fractions of a GPU are allowed (several trials share one GPU)."""
 
     cpu: float = Field(1.0, gt=0)
     gpu: float = Field(0.0, ge=0)
@@ -188,6 +188,19 @@ class ResourcesSpec(_Strict):
         if value > 1 and value != int(value):
             raise ValueError("more than one GPU must be a whole number")
         return value
+
+
+class ResourcesSpec(Resources):
+    """Per trial; ``stage1`` optionally gives the shared stage-I runs their own (they train the whole
+    backbone, and the stage-II trials that reuse them wait for them)."""
+
+    stage1: Resources | None = None
+
+    def for_role(self, role: str) -> Resources:
+        """``stage1`` runs get ``stage1`` (when set); every other trial gets cpu/gpu."""
+        if role == "stage1" and self.stage1 is not None:
+            return self.stage1
+        return Resources(cpu=self.cpu, gpu=self.gpu)
 
 
 class TrackingSpec(_Strict):
@@ -549,9 +562,11 @@ def format_plan(spec: StudySpec) -> str:
     if spec.description:
         lines += textwrap.wrap(spec.description, 100, initial_indent="  ", subsequent_indent="  ")
     lines.append(f"tracking {mask_uri(spec.tracking_uri)} experiment {spec.experiment!r}; storage {spec.storage_path}")
-    lines.append(
-        f"resources per trial: cpu {spec.resources.cpu:g}, gpu {spec.resources.gpu:g}; metric {spec.metric} ({spec.mode})"
-    )
+    res = spec.resources
+    shown = f"cpu {res.cpu:g}, gpu {res.gpu:g}"
+    if res.stage1 is not None:
+        shown += f" (stage-I runs: cpu {res.stage1.cpu:g}, gpu {res.stage1.gpu:g})"
+    lines.append(f"resources per trial: {shown}; metric {spec.metric} ({spec.mode})")
     lines.append("")
     header = ("#", "trial_id", "variant", "seed", "stage1", "stage II", "overrides")
     rows = []

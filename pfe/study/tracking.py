@@ -231,7 +231,8 @@ class StudyTracker:
         """The child run for (role, key): reused when it exists (resume), else created with params."""
         assert self.parent_id, "open_parent first"
         rec = self.get(role, key)
-        tags = {**tags, "pfe.role": role, "pfe.study": self.study, "pfe.status": "running"}
+        key_tag = "pfe.trial_id" if role == "trial" else "pfe.stage1_key"
+        tags = {**tags, key_tag: key, "pfe.role": role, "pfe.study": self.study, "pfe.status": "running"}
         if rec is not None:
             if self.client.get_run(rec.run_id).info.status != "RUNNING":
                 self.client.update_run(rec.run_id, status="RUNNING")
@@ -354,7 +355,7 @@ def make_tracking_callback(
     tracker: StudyTracker,
     open_run: Any,
     storage: str,
-    gpu_fraction: float,
+    gpu_fraction: dict[str, float],
     early_stopping: bool = False,
 ) -> Any:
     """A ``tune.Callback`` that writes every reported epoch of every trial to MLflow in one batch.
@@ -403,7 +404,7 @@ def make_tracking_callback(
                 if str(result["pfe_device"]) == "cpu":
                     tags["pfe.gpu_fraction"] = "0"
                 else:
-                    tags["pfe.gpu_fraction"] = f"{gpu_fraction:g}"
+                    tags["pfe.gpu_fraction"] = f"{gpu_fraction.get(state.rec.role, 0.0):g}"
             if result.get("pfe_host"):
                 tags["pfe.host"] = str(result["pfe_host"])
             if result.get("checkpoint_dir_name") and trial.path:
