@@ -134,6 +134,7 @@ def run_study(
     ray_started = False
     try:
         plan = Plan(spec, trials, tracker, simulate=simulate)
+        plan.warn_stale()
         outcome.skipped = plan.already_finished()
         if plan.nothing_to_do():
             print(f"study {spec.name}: every trial is already finished; nothing to run (--fresh starts over)")
@@ -316,6 +317,20 @@ class Plan:
             elif not any(name in u for u in unfinished):
                 unfinished.append(f"{name} ({rec.status if rec else 'not started'})")
         return finished, unfinished
+
+    def warn_stale(self) -> None:
+        """Runs of this study whose config the study file no longer asks for (it was edited): kept, but named."""
+        if self.search:
+            return
+        wanted = {("trial", t.trial_id) for t in self.trials} | {("stage1", k) for k in self.groups}
+        stale = [r for key, r in self.tracker.records.items() if key not in wanted]
+        if stale:
+            names = ", ".join(sorted({r.tags.get("pfe.label", r.key) for r in stale}))
+            print(
+                f"note: {len(stale)} earlier run(s) of this study no longer match the study file ({names}); they stay "
+                "in MLflow under the same parent run. `--fresh` starts the study over.",
+                flush=True,
+            )
 
     # -- common payload
     def _payload(self, role: str, key: str, cfg: ExperimentConfig, stages: list[int], **extra: Any) -> dict[str, Any]:
@@ -608,6 +623,7 @@ class Plan:
                 scheduler=scheduler,
                 num_samples=num_samples,
                 max_concurrent_trials=max_concurrent or spec.max_concurrent,
+                time_budget_s=spec.time_budget_s,
                 reuse_actors=True,  # one torch import per worker, not per trial
                 trial_dirname_creator=_dirname,
                 trial_name_creator=_dirname,

@@ -247,6 +247,9 @@ class StudySpec(_Strict):
     storage: str | None = Field(None, description="Ray Tune storage path; default ./ray_results")
     max_concurrent: int | None = Field(None, ge=1)
     max_failures: int = Field(2, ge=0, description="retries of a failed trial from its last checkpoint")
+    time_budget_s: float | None = Field(
+        None, gt=0, description="stop the Tune run after this long; unfinished trials are recorded incomplete"
+    )
     synthetic: SynthSpec | None = Field(None, description="generate a missing synthreid data.root")
     report: ReportLayout = Field(default_factory=ReportLayout)
 
