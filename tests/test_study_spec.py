@@ -217,7 +217,7 @@ def test_masking_and_cluster_rules(tmp_path: Path) -> None:
     check_cluster_rules("sqlite:////tmp/m.db", str(tmp_path), None)
     # a cluster: no SQLite / file store, no local storage path
     with pytest.raises(ConfigError, match="local sqlite store"):
-        check_cluster_rules("sqlite:////tmp/m.db", "s3://bucket/x", "ray://head:10001")
+        check_cluster_rules("sqlite:////tmp/m.db", "s3://bucket/x", "head:6379")
     with pytest.raises(ConfigError, match="local file store"):
         check_cluster_rules(str(tmp_path / "mlruns"), "s3://bucket/x", "head:6379")
     with pytest.raises(ConfigError, match="not shared") as err:

@@ -52,8 +52,10 @@ def test_cluster_needs_a_tracking_server_and_shared_storage(
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     path = _study(tmp_path)
-    assert main(["run", str(path), "--address", "ray://10.0.0.1:10001"]) == 2
+    assert main(["run", str(path), "--address", "10.0.0.1:6379"]) == 2
     assert "MLflow server" in capsys.readouterr().err
+    assert main(["run", str(path), "--address", "ray://10.0.0.1:10001"]) == 2
+    assert "ray job submit" in capsys.readouterr().err
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # the address may come from the environment too
     assert main(["run", str(path)]) == 2
     assert "MLflow server" in capsys.readouterr().err

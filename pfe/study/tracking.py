@@ -44,6 +44,11 @@ def check_cluster_rules(tracking_uri: str, storage: str, address: str | None) ->
     if not address or address in ("local",):
         return
     shown = mask_uri(address)
+    if address.startswith("ray://"):
+        raise ConfigError(
+            f"--address {shown}: Ray Client is not supported; run the driver inside the cluster: `ray job submit "
+            "--address http://HEAD:8265 --working-dir . -- pfe-study run STUDY`, or on a node with --address HEAD:6379"
+        )
     if is_local_tracking(tracking_uri):
         raise ConfigError(
             f"tracking uri {mask_uri(tracking_uri)}: a local {tracking_scheme(tracking_uri)} store cannot be written "
