@@ -190,7 +190,19 @@ def prepare_data(spec: StudySpec, trials: list[Trial]) -> None:
 
             sizes = spec.synthetic.model_dump() if spec.synthetic else {}
             print(f"generating synthreid data in {data.root} ({sizes or 'default sizes'}) ...", flush=True)
-            generate_synthreid(data.root, **sizes)
+            target = Path(data.root)
+            if target.exists() and any(target.iterdir()):
+                raise DataError(
+                    f"{spec.source}: data.root {target} is not empty and holds no synthreid manifest.json; "
+                    "empty it (or point data.root elsewhere) to have it generated"
+                )
+            partial = target.with_name(f".{target.name}.partial")  # renamed when complete: an interrupted
+            shutil.rmtree(partial, ignore_errors=True)  # generation never looks like a dataset
+            generate_synthreid(partial, **sizes)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if target.exists():
+                target.rmdir()
+            partial.rename(target)
         from pfe.data.datasets import build_dataset
 
         try:
