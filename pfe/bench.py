@@ -1,4 +1,4 @@
-"""`pfe-study bench`: evaluation timing (and, with the GPU issue, training throughput).
+"""`pfe-study bench`: evaluation timing; training throughput and memory live in :mod:`pfe.bench_train`.
 
 ``bench eval`` times :func:`pfe.engine.evaluation.rank_metrics` on random features shaped like
 Market-1501's test split (3,368 queries x 15,913 gallery images, 750 ids, 6 cameras, distractors)
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from pfe.engine.evaluation import rank_metrics
-from pfe.errors import DataError, NotYetAvailable
+from pfe.errors import DataError
 
 # name -> (queries, gallery, ids, cameras, share of gallery that is distractors)
 SIZES: dict[str, tuple[int, int, int, int, float]] = {
@@ -332,8 +332,12 @@ def _write_report(out: Path, stem: str, report: dict[str, Any], markdown: str) -
 def cli_bench(args: argparse.Namespace) -> int:
     """`pfe-study bench [all|eval|rerank|train] [--device D] [--out DIR] [--quick]`."""
     what = getattr(args, "what", "all")
-    if what == "train":
-        raise NotYetAvailable("`pfe-study bench train` (training throughput and memory) arrives with the GPU issue")
+    if what in ("train", "all"):  # first: on a time-limited GPU run the training numbers matter most
+        from pfe.bench_train import cli_bench_train
+
+        cli_bench_train(args)
+        if what == "train":
+            return 0
     if what == "rerank":
         rr = bench_rerank(device=args.device, quick=args.quick)
         stem = f"rerank_{'cuda' if rr['host']['device'] != 'cpu' else 'cpu'}" + ("_quick" if args.quick else "")
@@ -353,5 +357,4 @@ def cli_bench(args: argparse.Namespace) -> int:
         rr = bench_rerank(device=args.device, quick=args.quick)
         stem = f"rerank_{'cuda' if rr['host']['device'] != 'cpu' else 'cpu'}" + ("_quick" if args.quick else "")
         _write_report(out, stem, rr, render_rerank_markdown(rr))
-        print("bench train: not available yet (arrives with the GPU issue)")
     return 0

@@ -36,16 +36,17 @@ def pairwise_distances(x: Tensor) -> Tensor:
 def batch_hard_triplet(features: Tensor, targets: Tensor, margin: float = 0.3) -> Tensor:
     """Batch-hard triplet loss [3]: per anchor, the farthest positive and the closest negative.
 
-    Anchors without a negative in the batch are skipped; with none left the loss is 0.
+    Anchors without a negative in the batch are skipped; with none left the loss is 0. No host
+    sync (no data-dependent branch or shape): the mean over all anchors is rescaled by
+    anchors / valid anchors, a factor of exactly 1 when every anchor has a negative (a PK batch).
     """
     dist = pairwise_distances(features)
     same = targets.unsqueeze(0) == targets.unsqueeze(1)
     hardest_pos = dist.masked_fill(~same, float("-inf")).amax(dim=1)
     hardest_neg = dist.masked_fill(same, float("inf")).amin(dim=1)
     valid = torch.isfinite(hardest_neg)
-    if not bool(valid.any()):
-        return dist.sum() * 0.0
-    return F.relu(hardest_pos[valid] - hardest_neg[valid] + margin).mean()
+    per_anchor = torch.where(valid, F.relu(hardest_pos - hardest_neg + margin), torch.zeros_like(hardest_pos))
+    return per_anchor.mean() * (valid.numel() / valid.sum().clamp_min(1))
 
 
 def region_overlap(maps: Sequence[Tensor]) -> Tensor:

@@ -1,4 +1,4 @@
-"""`pfe-study bench`: a quick smoke run of the evaluation benchmark (timings are not tested)."""
+"""`pfe-study bench`: quick smoke runs of the evaluation and training benchmarks (timings are not tested)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,37 @@ def test_bench_eval_quick_writes_json_and_markdown(tmp_path: Path, capsys: pytes
     assert "Speed-up" in capsys.readouterr().out
 
 
-def test_bench_train_is_not_available_yet(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["bench", "train"]) == 2
-    assert "GPU issue" in capsys.readouterr().err
+TRAIN_KEYS = (
+    "baseline_img_s", "stage1_img_s", "stage2_img_s", "epoch_from_jpeg_img_s", "step_from_tensors_img_s",
+    "eval_msmt_s", "stage1_vs_baseline", "stage2_vs_baseline", "epoch_from_jpeg_vs_step_from_tensors",
+)
+
+
+def test_bench_train_quick_on_cpu_writes_every_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A real (tiny) run: ResNet18 at 64x32, a generated JPEG set; numbers positive, no timing thresholds."""
+    assert main(["bench", "train", "--quick", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "bench_cpu_quick.json").read_text())
+    assert report["errors"] == {}
+    assert report["device"] == "cpu" and report["card"] == "cpu" and report["torch"] and report["quick"] is True
+    for key in TRAIN_KEYS:
+        assert isinstance(report[key], float) and report[key] > 0, key
+    assert report["peak_mem_gb"] is None  # GPU memory only on cuda
+    m = report["measurements"]
+    assert all(m[k]["loss_finite"] for k in ("baseline", "stage1", "stage2", "stage2_separable"))
+    assert m["epoch_device_cache"]["cache"] == "device" and m["epoch_workers"]["cache"] == "none"
+    assert [e["epoch"] for e in m["epoch_device_cache"]["epochs"]] == [1, 2]
+    assert report["acceptance"]["applies"] is False and set(report["acceptance"]["checks"]) >= {"stage2_vs_baseline"}
+    markdown = (tmp_path / "bench_cpu_quick.md").read_text()
+    assert "| PFE stage II" in markdown and "Acceptance" in markdown
+    assert "bench_cpu_quick.json" in capsys.readouterr().out
+
+
+def test_synth_set_generated_in_parts_loads_as_one_dataset(tmp_path: Path) -> None:
+    from pfe.bench_train import make_synth_set
+    from pfe.data.datasets import load_dataset
+
+    root = make_synth_set(tmp_path / "synthreid", ids_train=5, images_per_id=4, ids_test=2, cameras=2, parts=2)
+    data = load_dataset("synthreid", root)
+    assert data.num_train_pids == 5 and len(data.train) == 20
+    assert data.query and data.gallery
+    assert not (tmp_path / "synthreid_parts").exists()

@@ -17,7 +17,7 @@ import shutil
 import sys
 import time
 from bisect import bisect_right
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,13 +30,14 @@ from torch.utils.data import DataLoader
 from pfe import losses
 from pfe.config import ExperimentConfig, _Recipe, dump_config, load_config
 from pfe.data.datasets import ReIDDataset, build_dataset
+from pfe.data.device_cache import DeviceTrainCache, epoch_generator
 from pfe.data.loader import ImageDataset
 from pfe.data.sampler import PKSampler
 from pfe.data.transforms import build_test_transform, build_train_transform
 from pfe.engine import checkpoint as ckpt
 from pfe.engine.evaluation import evaluate_sets, extract_features
 from pfe.errors import PFEError
-from pfe.model import PFENet, build_model
+from pfe.model import PFENet, PFEOutput, build_model
 
 RESULT_FILE = "result.json"
 
@@ -118,6 +119,56 @@ def build_optimizer(params: list[nn.Parameter], recipe: _Recipe, device: torch.d
     )
 
 
+def place_model(model: PFENet, device: torch.device) -> PFENet:
+    """The model on ``device``; channels_last on a GPU (faster convolutions with bf16)."""
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+
+
+LossFn = Callable[[PFEOutput, torch.Tensor], dict[str, torch.Tensor]]
+
+
+def stage_loss_fn(cfg: ExperimentConfig, stage: int) -> LossFn:
+    """Eq. (6) for stage 1, Eq. (9) for stage 2, with the config's settings: (output, pids) -> loss terms."""
+    if stage == 1:
+        s1 = cfg.stage1
+        return lambda out, pids: losses.stage1_losses(
+            out, pids, margin=s1.triplet_margin, label_smoothing=s1.label_smoothing
+        )
+    s2 = cfg.stage2
+    return lambda out, pids: losses.stage2_losses(
+        out, pids, mode=s2.loss, temperatures=s2.temperatures, w_ro=s2.w_ro, label_smoothing=s2.label_smoothing
+    )
+
+
+def train_step(
+    model: PFENet,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    pids: torch.Tensor,
+    *,
+    stage: int,
+    loss_fn: LossFn,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+) -> dict[str, torch.Tensor]:
+    """One optimiser step (forward under autocast, loss terms, backward, step); returns the terms.
+
+    Nothing in it waits for the device: the caller decides when to look at the values.
+    """
+    images = images.to(device, non_blocking=True)
+    if device.type == "cuda":
+        images = images.contiguous(memory_format=torch.channels_last)
+    pids = pids.to(device, non_blocking=True)
+    with torch.autocast(device.type, amp_dtype, enabled=amp_dtype is not None):
+        out = model(images, stage=stage)
+    terms = loss_fn(out, pids)
+    optimizer.zero_grad(set_to_none=True)
+    terms["loss"].backward()
+    optimizer.step()
+    return terms
+
+
 def main_branch_state(model: PFENet) -> dict[str, torch.Tensor]:
     """Parameters and buffers of the main branch (what stage I trains and stage II freezes)."""
     side_ids = {id(p) for p in model.side_parameters()}
@@ -144,9 +195,7 @@ class _Run:
         self.amp_dtype = autocast_dtype(cfg.runtime.precision, self.device)
         seed_everything(cfg.runtime.seed, cfg.runtime.deterministic)
         self.data: ReIDDataset = build_dataset(cfg.data)
-        self.model = build_model(cfg, self.data.num_train_pids).to(self.device)
-        if self.device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model = place_model(build_model(cfg, self.data.num_train_pids), self.device)
         self.train_set = ImageDataset(
             self.data.train,
             build_train_transform(cfg.data.height, cfg.data.width, cfg.data.flip_prob, cfg.data.erasing_prob, cfg.data.pad),
@@ -159,8 +208,26 @@ class _Run:
         self.query_set = ImageDataset(self.data.query, test_tf, skip_corrupt=cfg.data.skip_corrupt)
         self.gallery_set = ImageDataset(self.data.gallery, test_tf, skip_corrupt=cfg.data.skip_corrupt)
         self.cmc: dict[str, list[float]] = {}
+        self.train_cache: DeviceTrainCache | None = None
+        if cfg.data.cache == "device":
+            started = time.perf_counter()
+            d = cfg.data
+            self.train_cache = DeviceTrainCache.build(
+                self.data.train, d.height, d.width, self.device, flip_prob=d.flip_prob, erasing_prob=d.erasing_prob,
+                pad=d.pad, skip_corrupt=d.skip_corrupt, workers=d.workers,
+            )
+            log(f"data.cache=device: {len(self.train_cache)} training images ({self.train_cache.nbytes() / 2**30:.2f} GiB"
+                f" uint8) on {self.device} in {time.perf_counter() - started:.1f}s")
 
     # -- data
+    def _train_batches(self, stage: int, epoch: int) -> Iterable[tuple[torch.Tensor, ...]]:
+        """The epoch's training batches (images, pids, camids, indices): DataLoader workers, or the device cache."""
+        self.sampler.set_epoch(epoch)
+        if self.train_cache is not None:
+            generator = epoch_generator(self.device, self.cfg.runtime.seed, stage, epoch)
+            return self.train_cache.epoch(self.sampler, generator)
+        return self._loader(self.train_set, batch_sampler=self.sampler)
+
     def _loader(self, dataset: ImageDataset, **kwargs: Any) -> DataLoader:
         workers = self.cfg.data.workers
         return DataLoader(
@@ -260,8 +327,8 @@ class _Run:
         self, stage: int, epoch: int, optimizer: torch.optim.Optimizer, recipe: _Recipe
     ) -> dict[str, float]:
         cfg, model, device = self.cfg, self.model, self.device
-        self.sampler.set_epoch(epoch)
-        loader = self._loader(self.train_set, batch_sampler=self.sampler)
+        loader = self._train_batches(stage, epoch)
+        loss_fn = stage_loss_fn(cfg, stage)
         model.train()
         sums: torch.Tensor | None = None
         bad: torch.Tensor | None = None
@@ -269,16 +336,9 @@ class _Run:
         images_seen, steps = 0, 0
         started = time.perf_counter()
         for step, (images, pids, _, _) in enumerate(loader, start=1):
-            images = images.to(device, non_blocking=True)
-            if device.type == "cuda":
-                images = images.contiguous(memory_format=torch.channels_last)
-            pids = pids.to(device, non_blocking=True)
-            with torch.autocast(device.type, self.amp_dtype, enabled=self.amp_dtype is not None):
-                out = model(images, stage=stage)
-            terms = self._losses(stage, out, pids, recipe)
-            optimizer.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            optimizer.step()
+            terms = train_step(
+                model, optimizer, images, pids, stage=stage, loss_fn=loss_fn, device=device, amp_dtype=self.amp_dtype
+            )
             values = torch.stack([t.detach().float() for t in terms.values()])
             if sums is None:
                 names = list(terms)
@@ -299,16 +359,6 @@ class _Run:
         metrics[f"img_per_s/stage{stage}"] = images_seen / elapsed
         metrics[f"epoch_time_s/stage{stage}"] = elapsed
         return metrics
-
-    def _losses(self, stage: int, out: Any, pids: torch.Tensor, recipe: _Recipe) -> dict[str, torch.Tensor]:
-        if stage == 1:
-            return losses.stage1_losses(
-                out, pids, margin=self.cfg.stage1.triplet_margin, label_smoothing=recipe.label_smoothing
-            )
-        s2 = self.cfg.stage2
-        return losses.stage2_losses(
-            out, pids, mode=s2.loss, temperatures=s2.temperatures, w_ro=s2.w_ro, label_smoothing=s2.label_smoothing
-        )
 
     @staticmethod
     def _check_finite(bad: torch.Tensor | None, names: list[str], stage: int, epoch: int) -> None:

@@ -1,0 +1,634 @@
+"""`pfe-study bench train`: training throughput, input pipeline, evaluation time and memory (issue 9).
+
+One run on one device measures, with the trainer's own code (``pfe.engine.trainer.train_step``,
+``place_model``, ``build_optimizer``, ``stage_loss_fn`` and, for whole epochs, ``_Run``):
+
+- images/s of one optimiser step on batches already on the device (random images, PK labels) for
+  (a) the bag-of-tricks baseline = PFENet with attention=none, side=none (ResNet50, last stride 1,
+  BNNeck, CE + batch-hard triplet), (b) PFE stage I (ResNet50 + TSAM), (c) PFE stage II (frozen main
+  branch, MFA side branches, cascade loss with temperatures and region overlap: the defaults of
+  ExperimentConfig, i.e. the paper's setting), stage II with the separable 3x3 (MFA-dagger), and
+  stage II's frozen main-branch forward alone (the floor of a stage-II step);
+- stage-I images/s over whole epochs of a SynthReID set read from JPEG files through the trainer's
+  input pipeline: ``data.cache=device`` (decoded once, augmented on the device; the headline
+  ``epoch_from_jpeg_img_s``) and ``data.cache=none`` (DataLoader workers decoding every epoch);
+- the MSMT17-size evaluation (11,659 x 82,161): ``rank_metrics`` on a distance matrix as in
+  ``bench eval``, and the final feature set from features (distances + ranking);
+- peak GPU memory (``torch.cuda.max_memory_allocated``) of each measurement, and on a GPU the
+  synchronising CUDA calls of a few steps after warm-up (``torch.cuda.set_sync_debug_mode``).
+
+Timing: warm-up steps first (cudnn autotuning, allocator), then ``torch.cuda.synchronize`` only
+around each timed region, never per step; the median of the timed repeats is reported. Each
+measurement runs in a try block: a failure is recorded in the JSON (``errors``) and the run goes on,
+and the JSON is rewritten after each measurement, so a run stopped half way leaves what it measured.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pfe.config import ExperimentConfig
+from pfe.errors import DataError
+
+GB = 1e9
+
+# Acceptance of issue 9 (ratios from one run on one GPU; the absolute number is for an H100).
+ACCEPTANCE = {
+    "baseline_img_s": (">=", 1850.0),
+    "stage1_vs_baseline": (">=", 0.9),
+    "stage2_vs_baseline": (">=", 2.0),
+    "epoch_from_jpeg_vs_step_from_tensors": (">=", 0.95),
+    "eval_msmt_s": ("<=", 1.0),
+}
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """What one bench run uses: input size, PK batch, model widths, step counts, synthetic set."""
+
+    height: int
+    width: int
+    ids_per_batch: int
+    images_per_id: int
+    backbone: str
+    channels: int | None  # None: the config's default (the paper's setting)
+    side_dim: int | None
+    num_classes: int
+    warmup: int
+    steps: int
+    repeats: int
+    synth_ids_train: int
+    synth_images_per_id: int
+    epochs: int
+    eval_size: str
+
+    @property
+    def batch(self) -> int:
+        return self.ids_per_batch * self.images_per_id
+
+
+# The JPEG set: 800 ids x 16 images = 12,800 training images, about Market-1501's 12,936 (200 batches).
+FULL = Sizes(height=384, width=192, ids_per_batch=16, images_per_id=4, backbone="resnet50", channels=None,
+             side_dim=None, num_classes=751, warmup=15, steps=30, repeats=3, synth_ids_train=800,
+             synth_images_per_id=16, epochs=2, eval_size="msmt17")
+# CPU smoke test: ResNet18 at 64x32, batch 8, a few steps, a 32-image set.
+QUICK = Sizes(height=64, width=32, ids_per_batch=4, images_per_id=2, backbone="resnet18", channels=16,
+              side_dim=32, num_classes=16, warmup=1, steps=2, repeats=1, synth_ids_train=8,
+              synth_images_per_id=4, epochs=2, eval_size="quick")
+
+
+def resolve_bench_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DataError(f"--device {name}: no CUDA device is visible")
+    return device
+
+
+def bench_configs(sizes: Sizes, device: torch.device) -> dict[str, ExperimentConfig]:
+    """The configs measured: baseline, stage I (TSAM), stage II (MFA, cascade, RO) and MFA-dagger."""
+    overrides: dict[str, Any] = {
+        "data.height": sizes.height,
+        "data.width": sizes.width,
+        "data.ids_per_batch": sizes.ids_per_batch,
+        "data.images_per_id": sizes.images_per_id,
+        "model.backbone": sizes.backbone,
+        "model.pretrained": "none",
+        "runtime.device": str(device),
+        "runtime.progress": False,
+    }
+    if sizes.channels is not None:
+        overrides["model.channels"] = sizes.channels
+    if sizes.side_dim is not None:
+        overrides["model.side_dim"] = sizes.side_dim
+    base = ExperimentConfig().with_overrides(overrides)
+    return {
+        "baseline": base.with_overrides({"model.attention": "none", "model.side": "none"}),
+        "stage1": base,
+        "stage2": base,
+        "stage2_separable": base.with_overrides({"model.separable": True}),
+    }
+
+
+# ---------------------------------------------------------------- timing helpers
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_gb(device: torch.device) -> float | None:
+    return round(torch.cuda.max_memory_allocated(device) / GB, 3) if device.type == "cuda" else None
+
+
+def count_host_syncs(fn: Callable[[], Any], device: torch.device, repeats: int = 3) -> dict[str, Any] | None:
+    """Synchronising CUDA calls made by ``repeats`` calls of ``fn`` (torch.cuda.set_sync_debug_mode); None on a CPU."""
+    if device.type != "cuda":
+        return None
+    _sync(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(repeats):
+                fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    _sync(device)
+    messages = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
+    return {"calls": repeats, "syncs": len(messages), "examples": sorted(set(messages))[:3]}
+
+
+def random_batches(sizes: Sizes, device: torch.device, count: int = 4, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``count`` batches on the device: normalised-looking random images and PK labels (P ids x K)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(count):
+        images = torch.randn(sizes.batch, 3, sizes.height, sizes.width, generator=gen)
+        first = (i * sizes.ids_per_batch) % max(1, sizes.num_classes - sizes.ids_per_batch)
+        pids = (first + torch.arange(sizes.ids_per_batch)).repeat_interleave(sizes.images_per_id)
+        images = images.to(device)
+        if device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        out.append((images, pids.to(device)))
+    return out
+
+
+def _timed_runs(step: Callable[[int], Any], sizes: Sizes, device: torch.device) -> list[float]:
+    """Warm-up calls, then ``repeats`` timed runs of ``steps`` calls, synchronised only around each run."""
+    for i in range(sizes.warmup):
+        step(i)
+    runs = []
+    for _ in range(sizes.repeats):
+        _sync(device)
+        start = time.perf_counter()
+        for i in range(sizes.steps):
+            step(i)
+        _sync(device)
+        runs.append(time.perf_counter() - start)
+    return runs
+
+
+def time_frozen_forward(cfg: ExperimentConfig, sizes: Sizes, device: torch.device) -> dict[str, Any]:
+    """images/s of stage II's frozen main branch alone (eval mode, no grad, autocast): the floor of a stage-II step."""
+    from pfe.engine.trainer import autocast_dtype, place_model, seed_everything
+    from pfe.model import build_model
+
+    seed_everything(cfg.runtime.seed, cfg.runtime.deterministic)
+    _reset_peak(device)
+    model = place_model(build_model(cfg, sizes.num_classes), device)
+    model.set_stage(2)
+    model.train()  # stage 2: the main branch stays in eval mode
+    amp = autocast_dtype(cfg.runtime.precision, device)
+    batches = random_batches(sizes, device)
+
+    def forward(i: int) -> None:
+        with torch.no_grad(), torch.autocast(device.type, amp, enabled=amp is not None):
+            model.main_maps(batches[i % len(batches)][0])
+
+    runs = _timed_runs(forward, sizes, device)
+    seconds = statistics.median(runs)
+    return {
+        "img_s": sizes.batch * sizes.steps / seconds,
+        "step_ms": 1000 * seconds / sizes.steps,
+        "runs_s": [round(r, 4) for r in runs],
+        "peak_mem_gb": _peak_gb(device),
+    }
+
+
+def time_steps(cfg: ExperimentConfig, stage: int, sizes: Sizes, device: torch.device) -> dict[str, Any]:
+    """images/s of the trainer's step (``train_step`` + its loss bookkeeping) on batches already on the device."""
+    from pfe.engine.trainer import (
+        autocast_dtype,
+        build_optimizer,
+        place_model,
+        seed_everything,
+        stage_loss_fn,
+        train_step,
+    )
+    from pfe.model import build_model
+
+    seed_everything(cfg.runtime.seed, cfg.runtime.deterministic)  # cudnn.benchmark as the trainer sets it
+    _reset_peak(device)
+    model = place_model(build_model(cfg, sizes.num_classes), device)
+    model.set_stage(stage)
+    params = list(model.main_branch_parameters() if stage == 1 else model.side_parameters())
+    recipe = cfg.stage1 if stage == 1 else cfg.stage2
+    optimizer = build_optimizer(params, recipe, device)
+    model.train()
+    loss_fn = stage_loss_fn(cfg, stage)
+    amp = autocast_dtype(cfg.runtime.precision, device)
+    batches = random_batches(sizes, device)
+    sums: torch.Tensor | None = None
+    bad: torch.Tensor | None = None
+
+    def step(i: int) -> None:
+        nonlocal sums, bad
+        images, pids = batches[i % len(batches)]
+        terms = train_step(model, optimizer, images, pids, stage=stage, loss_fn=loss_fn, device=device, amp_dtype=amp)
+        values = torch.stack([t.detach().float() for t in terms.values()])  # the epoch loop's bookkeeping
+        if sums is None:
+            sums, bad = torch.zeros_like(values), torch.zeros_like(values, dtype=torch.bool)
+        sums += torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+        bad |= ~torch.isfinite(values)
+
+    runs = _timed_runs(step, sizes, device)
+    steps_done = sizes.warmup + sizes.repeats * sizes.steps
+    syncs = count_host_syncs(lambda: step(steps_done), device)  # after warm-up: cudnn autotuning syncs once
+    assert bad is not None
+    seconds = statistics.median(runs)
+    result = {
+        "img_s": sizes.batch * sizes.steps / seconds,
+        "step_ms": 1000 * seconds / sizes.steps,
+        "runs_s": [round(r, 4) for r in runs],
+        "steps_per_run": sizes.steps,
+        "warmup_steps": sizes.warmup,
+        "loss_finite": not bool(bad.any()),
+        "host_syncs": syncs,
+        "params_trained_m": round(sum(p.numel() for p in params) / 1e6, 3),
+        "peak_mem_gb": _peak_gb(device),
+    }
+    return result
+
+
+# ---------------------------------------------------------------- JPEG set and whole epochs
+def _generate_part(args: tuple[str, int, int, int, int, int]) -> int:
+    from pfe.data.synth import generate_synthreid
+
+    out, ids_train, ids_test, images_per_id, cameras, seed = args
+    generate_synthreid(out, ids_train=ids_train, ids_test=ids_test, images_per_id=images_per_id, cameras=cameras, seed=seed)
+    return ids_train
+
+
+def make_synth_set(root: str | Path, ids_train: int, images_per_id: int, *, ids_test: int = 4, cameras: int = 6,
+                   parts: int = 1) -> Path:
+    """A SynthReID folder with ``ids_train`` training identities, generated in ``parts`` processes.
+
+    Part 0 is a complete set (its own test split); the training images of parts 1.. (other seeds)
+    are moved into it with pids 10000 * part + pid, so the set loads as one synthreid dataset.
+    """
+    root = Path(root)
+    parts = max(1, min(parts, ids_train // 2))
+    shares = [ids_train // parts + (1 if i < ids_train % parts else 0) for i in range(parts)]
+    scratch = root.parent / f"{root.name}_parts"
+    jobs = [(str(root if i == 0 else scratch / str(i)), shares[i], ids_test if i == 0 else 2, images_per_id, cameras, i)
+            for i in range(parts)]
+    if parts == 1:
+        _generate_part(jobs[0])
+        return root
+    with ProcessPoolExecutor(max_workers=parts, mp_context=get_context("spawn")) as pool:
+        list(pool.map(_generate_part, jobs))
+    train_dir = root / "bounding_box_train"
+    for i in range(1, parts):
+        for file in sorted((scratch / str(i) / "bounding_box_train").iterdir()):
+            pid, rest = file.name.split("_", 1)
+            file.replace(train_dir / f"{10000 * i + int(pid)}_{rest}")
+    shutil.rmtree(scratch)
+    return root
+
+
+def time_epochs(cfg: ExperimentConfig, sizes: Sizes, device: torch.device) -> dict[str, Any]:
+    """Stage-I images/s over whole epochs through the trainer's own input pipeline and epoch loop."""
+    from pfe.engine.trainer import TrainHooks, _Run, build_optimizer
+
+    _reset_peak(device)
+    with tempfile.TemporaryDirectory(prefix="pfe-bench-run-") as workdir:
+        started = time.perf_counter()
+        run = _Run(cfg, Path(workdir), TrainHooks(), lambda message: None)
+        setup_s = time.perf_counter() - started
+        run.model.set_stage(1)
+        optimizer = build_optimizer(list(run.model.main_branch_parameters()), cfg.stage1, run.device)
+        epochs = []
+        for epoch in range(1, sizes.epochs + 1):
+            _sync(device)
+            start = time.perf_counter()
+            metrics = run._train_epoch(1, epoch, optimizer, cfg.stage1)
+            _sync(device)
+            seconds = time.perf_counter() - start
+            images = len(run.sampler) * cfg.data.batch_size
+            epochs.append({
+                "epoch": epoch,
+                "seconds": round(seconds, 4),
+                "images": images,
+                "img_s": images / seconds,
+                "trainer_img_per_s": metrics["img_per_s/stage1"],
+            })
+        result = {
+            "img_s": epochs[-1]["img_s"],  # the last epoch: after cudnn autotuning and allocator warm-up
+            "epochs": epochs,
+            "train_images": len(run.data.train),
+            "setup_s": round(setup_s, 3),
+            "cache": cfg.data.cache,
+            "workers": cfg.data.workers,
+            "peak_mem_gb": _peak_gb(device),
+        }
+        if run.train_cache is not None:
+            from pfe.data.device_cache import epoch_generator
+
+            result["cache_gb"] = round(run.train_cache.nbytes() / GB, 3)
+            cache, plan = run.train_cache, list(run.sampler)[:3]
+            generator = epoch_generator(run.device, 0, 1, 99)
+            result["host_syncs"] = count_host_syncs(lambda: list(cache.epoch(plan, generator)), device, repeats=1)
+        del run, optimizer
+    return result
+
+
+# ---------------------------------------------------------------- evaluation
+def time_eval(size: str, device: torch.device, repeats: int) -> dict[str, Any]:
+    """``rank_metrics`` on a ``size`` distance matrix (as ``bench eval``), and the final set from features."""
+    from pfe.bench import SIZES, _time, synthetic_eval_problem
+    from pfe.config import FINAL_SET
+    from pfe.engine.evaluation import evaluate_sets, rank_metrics
+
+    def time_ranking() -> tuple[list[float], tuple[np.ndarray, ...]]:
+        distmat, *labels = synthetic_eval_problem(size, seed=1, device=device)
+        qp_t, gp_t, qc_t, gc_t = (torch.as_tensor(x, device=device) for x in labels)
+        rank_metrics(distmat, qp_t, gp_t, qc_t, gc_t)  # warm-up
+        runs, _ = _time(lambda: rank_metrics(distmat, qp_t, gp_t, qc_t, gc_t), repeats, device)
+        return runs, tuple(labels)
+
+    _reset_peak(device)
+    runs, (qp, gp, qc, gc) = time_ranking()  # the distance matrix is freed on return
+    num_q, num_g = SIZES[size][:2]
+    gen = torch.Generator().manual_seed(2)
+    dims = {"F2": 512, "F3": 512, "F4": 512, "F5": 2048}
+    q_feats = {k: torch.randn(num_q, d, generator=gen).to(device) for k, d in dims.items()}
+    g_feats = {k: torch.randn(num_g, d, generator=gen).to(device) for k, d in dims.items()}
+    evaluate_sets(q_feats, g_feats, qp, gp, qc, gc, sets=[FINAL_SET])  # warm-up
+    runs_sets, _ = _time(lambda: evaluate_sets(q_feats, g_feats, qp, gp, qc, gc, sets=[FINAL_SET]), repeats, device)
+    return {
+        "size": size,
+        "queries": num_q,
+        "gallery": num_g,
+        "rank_metrics_s": statistics.median(runs),
+        "rank_metrics_runs_s": [round(r, 4) for r in runs],
+        "final_set_from_features_s": statistics.median(runs_sets),
+        "final_set_runs_s": [round(r, 4) for r in runs_sets],
+        "final_set_dim": sum(dims.values()),
+        "peak_mem_gb": _peak_gb(device),
+    }
+
+
+# ---------------------------------------------------------------- the run
+def _host(device: torch.device) -> dict[str, Any]:
+    host: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        host.update({
+            "card": torch.cuda.get_device_name(device),
+            "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version(),
+            "multiprocessors": props.multi_processor_count,
+            "memory_gb": round(props.total_memory / GB, 1),
+        })
+    else:
+        host["card"] = "cpu"
+    return host
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def summarise(report: dict[str, Any]) -> None:
+    """Fill the headline keys, ratios and acceptance from the measurements (in place)."""
+    m = report["measurements"]
+
+    def get(name: str, key: str = "img_s") -> float | None:
+        return m.get(name, {}).get(key)
+
+    report["baseline_img_s"] = get("baseline")
+    report["stage1_img_s"] = get("stage1")
+    report["stage2_img_s"] = get("stage2")
+    report["stage2_separable_img_s"] = get("stage2_separable")
+    report["stage2_frozen_forward_img_s"] = get("stage2_frozen_forward")
+    report["step_from_tensors_img_s"] = get("stage1")
+    report["epoch_from_jpeg_img_s"] = get("epoch_device_cache")
+    report["epoch_from_jpeg_workers_img_s"] = get("epoch_workers")
+    report["eval_msmt_s"] = get("eval", "rank_metrics_s")
+    report["eval_msmt_final_set_s"] = get("eval", "final_set_from_features_s")
+    peaks = [v.get("peak_mem_gb") for k, v in m.items() if k != "eval"]
+    peaks = [p for p in peaks if p is not None]
+    report["peak_mem_gb"] = max(peaks) if peaks else None
+    report["eval_peak_mem_gb"] = get("eval", "peak_mem_gb")
+    report["stage1_vs_baseline"] = _ratio(report["stage1_img_s"], report["baseline_img_s"])
+    report["stage2_vs_baseline"] = _ratio(report["stage2_img_s"], report["baseline_img_s"])
+    report["epoch_from_jpeg_vs_step_from_tensors"] = _ratio(report["epoch_from_jpeg_img_s"], report["step_from_tensors_img_s"])
+    report["epoch_workers_vs_step_from_tensors"] = _ratio(
+        report["epoch_from_jpeg_workers_img_s"], report["step_from_tensors_img_s"]
+    )
+    checks = {}
+    for key, (op, bound) in ACCEPTANCE.items():
+        value = report.get(key)
+        ok = None if value is None else (value >= bound if op == ">=" else value <= bound)
+        checks[key] = {"value": value, "bound": f"{op} {bound:g}", "ok": ok}
+    report["acceptance"] = {
+        "applies": report["device"] == "cuda" and not report["quick"],
+        "note": "issue 9's bounds: ratios on any GPU, baseline >= 1,850 images/s on an H100",
+        "checks": checks,
+    }
+
+
+def bench_train(device: str = "auto", quick: bool = False, out: str | Path | None = None,
+                log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the training benchmark; returns the report (also written to ``out/bench_<device>[_quick].json``)."""
+    dev = resolve_bench_device(device)
+    sizes = QUICK if quick else FULL
+    configs = bench_configs(sizes, dev)
+    report: dict[str, Any] = {
+        "benchmark": "train",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": dev.type,
+        "card": None,
+        "torch": torch.__version__,
+        "quick": quick,
+        "host": _host(dev),
+        "setup": {
+            "input": f"{sizes.height}x{sizes.width}",
+            "batch": sizes.batch,
+            "pk": f"{sizes.ids_per_batch} ids x {sizes.images_per_id} images",
+            "backbone": sizes.backbone,
+            "pretrained": "none (random init)",
+            "precision": "bf16 autocast" if dev.type == "cuda" else "fp32",
+            "channels_last": dev.type == "cuda",
+            "cudnn_benchmark": dev.type == "cuda",
+            "fused_adam": dev.type == "cuda",
+            "num_classes": sizes.num_classes,
+            "stage2": {k: configs["stage2"].flat()[k] for k in (
+                "model.side", "model.channels", "model.side_dim", "model.separable", "model.alpha",
+                "stage2.loss", "stage2.temperatures", "stage2.w_ro")},
+        },
+        "measurements": {},
+        "errors": {},
+    }
+    report["card"] = report["host"]["card"]
+    out_dir = Path(out) if out is not None else None
+    stem = f"bench_{dev.type}" + ("_quick" if quick else "")
+
+    def save() -> None:
+        summarise(report)
+        if out_dir is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+            (out_dir / f"{stem}.md").write_text(render_markdown(report))
+
+    def measure(name: str, fn: Callable[[], dict[str, Any]]) -> None:
+        started = time.perf_counter()
+        try:
+            report["measurements"][name] = fn()
+        except Exception as err:  # a one-shot GPU run keeps what it has
+            report["errors"][name] = f"{type(err).__name__}: {err}"
+            log(f"bench train: {name} failed:\n{traceback.format_exc()}")
+        log(f"bench train: {name} done in {time.perf_counter() - started:.1f}s")
+        save()
+
+    workers = 0 if quick else max(1, min(12, (os.cpu_count() or 2) - 2))
+    with tempfile.TemporaryDirectory(prefix="pfe-bench-synth-") as tmp:
+        root = Path(tmp) / "synthreid"
+        started = time.perf_counter()
+        try:  # on the CPUs, before any GPU work (no interference with the timings)
+            make_synth_set(root, sizes.synth_ids_train, sizes.synth_images_per_id, parts=1 if quick else workers)
+        except Exception as err:
+            report["errors"]["synth"] = f"{type(err).__name__}: {err}"
+            log(f"bench train: generating the JPEG set failed:\n{traceback.format_exc()}")
+        report["setup"]["synth"] = {
+            "ids_train": sizes.synth_ids_train,
+            "images_per_id": sizes.synth_images_per_id,
+            "generate_s": round(time.perf_counter() - started, 2),
+            "generate_processes": 1 if quick else workers,
+            "epochs_timed": sizes.epochs,
+        }
+        log(f"bench train: synthreid set generated in {report['setup']['synth']['generate_s']}s")
+
+        measure("baseline", lambda: time_steps(configs["baseline"], 1, sizes, dev))
+        measure("stage1", lambda: time_steps(configs["stage1"], 1, sizes, dev))
+        measure("stage2", lambda: time_steps(configs["stage2"], 2, sizes, dev))
+        measure("stage2_separable", lambda: time_steps(configs["stage2_separable"], 2, sizes, dev))
+        measure("stage2_frozen_forward", lambda: time_frozen_forward(configs["stage2"], sizes, dev))
+        if "synth" not in report["errors"]:
+            data = {"data.dataset": "synthreid", "data.root": str(root), "data.workers": workers}
+            measure("epoch_device_cache", lambda: time_epochs(
+                configs["stage1"].with_overrides({**data, "data.cache": "device"}), sizes, dev))
+            measure("epoch_workers", lambda: time_epochs(
+                configs["stage1"].with_overrides({**data, "data.cache": "none"}), sizes, dev))
+    eval_size = sizes.eval_size if dev.type == "cuda" or quick else "market1501"
+    measure("eval", lambda: time_eval(eval_size, dev, 1 if quick else 3))
+    save()
+    return report
+
+
+# ---------------------------------------------------------------- Markdown
+def _fmt(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    host, setup, m = report["host"], report["setup"], report["measurements"]
+    lines = [
+        "# Training benchmark" + (" (quick smoke sizes: not representative)" if report["quick"] else ""),
+        "",
+        f"{report['created']}; device {report['device']} ({host['card']}), torch {host['torch']}"
+        + (f", CUDA {host['cuda']}, cuDNN {host['cudnn']}" if report["device"] == "cuda" else "")
+        + f", {host['cpu_count']} CPUs. Input {setup['input']}, batch {setup['batch']} ({setup['pk']}), "
+        f"{setup['backbone']} ({setup['pretrained']}), {setup['precision']}"
+        + (", channels_last, cudnn.benchmark, fused Adam." if report["device"] == "cuda" else "."),
+        "",
+        "| what | images/s | ms/step | x baseline | peak GPU memory (GB) |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    base = report.get("baseline_img_s")
+    net = setup["backbone"]
+    rows = [
+        (f"baseline: {net} BoT (BNNeck, CE + triplet), step on device tensors", "baseline"),
+        (f"PFE stage I ({net} + TSAM), step on device tensors", "stage1"),
+        ("PFE stage II (frozen main branch; MFA, cascade, RO), step on device tensors", "stage2"),
+        ("PFE stage II with MFA-dagger (separable 3x3)", "stage2_separable"),
+        ("stage II's frozen main branch alone: forward, no grad (the floor of a stage-II step)", "stage2_frozen_forward"),
+        ("stage I, whole epoch from JPEG, data.cache=device", "epoch_device_cache"),
+        ("stage I, whole epoch from JPEG, data.cache=none (DataLoader workers)", "epoch_workers"),
+    ]
+    for label, key in rows:
+        r = m.get(key)
+        if r is None:
+            lines.append(f"| {label} | failed: {report['errors'].get(key, 'not run')} | | | |")
+            continue
+        ms = r.get("step_ms")
+        lines.append(f"| {label} | {_fmt(r['img_s'])} | {_fmt(ms, 2)} | {_fmt(_ratio(r['img_s'], base), 2)} | "
+                     f"{_fmt(r.get('peak_mem_gb'), 2)} |")
+    lines += ["", "Ratios: " + ", ".join(f"{k.replace('_', ' ')} {_fmt(report.get(k), 3)}" for k in (
+        "stage1_vs_baseline", "stage2_vs_baseline", "epoch_from_jpeg_vs_step_from_tensors",
+        "epoch_workers_vs_step_from_tensors"))]
+    syncs = {k: v["host_syncs"] for k, v in m.items() if v.get("host_syncs")}
+    if syncs:
+        lines += ["", "Host syncs after warm-up (torch.cuda.set_sync_debug_mode): " + ", ".join(
+            f"{k} {v['syncs']} in {v['calls']} call(s)" + (f" ({'; '.join(v['examples'])})" if v["examples"] else "")
+            for k, v in syncs.items()) + "."]
+    for key in ("epoch_device_cache", "epoch_workers"):
+        r = m.get(key)
+        if r:
+            per_epoch = ", ".join(f"epoch {e['epoch']}: {e['img_s']:,.0f} img/s ({e['seconds']:.2f} s)" for e in r["epochs"])
+            extra = f", cache {r['cache_gb']} GB" if "cache_gb" in r else ""
+            lines += ["", f"{key}: {r['train_images']} JPEG training images, {r['workers']} workers, setup "
+                      f"{r['setup_s']} s{extra}; {per_epoch}."]
+    e = m.get("eval")
+    if e:
+        lines += ["", f"Evaluation at {e['size']} size ({e['queries']:,} x {e['gallery']:,}) on {report['device']}: "
+                  f"rank_metrics {e['rank_metrics_s']:.3f} s; final set {e['final_set_dim']}-d from features "
+                  f"(distances + ranking) {e['final_set_from_features_s']:.3f} s; peak memory {_fmt(e['peak_mem_gb'], 2)} GB."]
+    acc = report.get("acceptance")
+    if acc:
+        lines += ["", "Acceptance (issue 9)" + ("" if acc["applies"] else ": does not apply to this run (CPU or --quick)")
+                  + ":", ""]
+        for key, c in acc["checks"].items():
+            mark = {True: "pass", False: "FAIL", None: "n/a"}[c["ok"]]
+            lines.append(f"- {key.replace('_', ' ')} = {_fmt(c['value'], 3)} (want {c['bound']}): {mark}")
+    for name, err in report["errors"].items():
+        lines += ["", f"Error in {name}: {err}"]
+    return "\n".join(lines) + "\n"
+
+
+def cli_bench_train(args: Any) -> int:
+    """The ``train`` part of `pfe-study bench`: prints the Markdown and where the JSON went."""
+    import sys
+
+    out = Path(args.out)
+    report = bench_train(device=args.device, quick=args.quick, out=out,
+                         log=lambda message: print(message, file=sys.stderr, flush=True))
+    stem = f"bench_{report['device']}" + ("_quick" if args.quick else "")
+    sys.stdout.write(render_markdown(report))
+    print(f"wrote {out / stem}.json and .md")
+    return 0

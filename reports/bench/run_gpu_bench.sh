@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Issue 9's GPU benchmark, one shot, on the device machine (about 3-5 minutes on an H100; capped
+# at PFE_BENCH_TIMEOUT seconds, 450 by default, so the whole call stays under 8 minutes).
+#
+# 1. Here, once per session (pip access needed):   bash reports/bench/fetch_wheels.sh
+# 2. The device call (the `run` tool), from the repo root:
+#        command: bash reports/bench/run_gpu_bench.sh      carry: [".whl"]      timeout_s: 540
+# 3. Copy the files that come back (bench_cuda.json/.md, eval_cuda.*, rerank_cuda.*, log.txt) into
+#    reports/bench/ and commit them with the figures in the issue note.
+#
+# What runs: `python3 -m pfe.cli bench --device cuda --out $OUT/bench`, i.e. `bench train` first
+# (baseline, stage I, stage II, MFA-dagger steps on device tensors; two stage-I epochs of a
+# generated SynthReID JPEG set through data.cache=device and through DataLoader workers; the
+# MSMT17-size evaluation; host-sync counts; peak memory), then `bench eval` and `bench rerank`.
+# bench_cuda.json is rewritten after every measurement, so a run cut short keeps what it measured.
+# The project runs from the source tree (PYTHONPATH=.); pydantic and its deps come from .whl/.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-/tmp/pfe-bench-out}
+mkdir -p "$OUT/bench"
+SITE=/tmp/pfe-site
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
+    || { echo "wheel install failed"; exit 3; }
+  export PYTHONPATH="$SITE"
+else
+  echo "no .whl/ here: run reports/bench/fetch_wheels.sh before the call and carry .whl (pydantic is not installed there)"
+fi
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+python3 - <<'EOF' || exit 4
+import torch, pydantic, pfe.config, pfe.engine.trainer  # noqa: F401  (fails fast when something is missing)
+print(f"torch {torch.__version__} cuda {torch.version.cuda} pydantic {pydantic.VERSION}; "
+      f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'NO CUDA DEVICE'}")
+EOF
+nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,clocks.max.sm,temperature.gpu,power.draw \
+  --format=csv 2>&1 | tee "$OUT/bench/log.txt"
+# PFE_BENCH_ARGS only for a dry run elsewhere, e.g. PFE_BENCH_ARGS="train --device cpu --quick"
+# shellcheck disable=SC2086
+timeout "${PFE_BENCH_TIMEOUT:-450}" python3 -m pfe.cli bench ${PFE_BENCH_ARGS:---device cuda} --out "$OUT/bench" 2>&1 \
+  | tee -a "$OUT/bench/log.txt"
+rc=${PIPESTATUS[0]}
+echo "=== exit status $rc (124: cut at ${PFE_BENCH_TIMEOUT:-450} s) ==="
+for f in "$OUT"/bench/bench_*.json; do
+  echo "=== $f ==="
+  cat "$f" 2>/dev/null || echo "(not written)"
+done
+exit "$rc"
