@@ -21,6 +21,7 @@ from the checkpoint recorded in MLflow (``pfe.checkpoint``), and skips finished 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -103,8 +104,12 @@ def run_study(
     max_concurrent: int | None = None,
     simulate: bool = False,
     num_cpus: int | None = None,
+    callbacks: list[Any] | None = None,
 ) -> Outcome:
-    """Run (or resume) a study; returns what happened. Raises PFEError before any trial on bad input."""
+    """Run (or resume) a study; returns what happened. Raises PFEError before any trial on bad input.
+
+    ``callbacks``: extra ``tune.Callback`` objects for the Tune runs, called in the driver's main thread
+    after the tracking callback (tests/test_cluster_fault_tolerance.py removes a node from one)."""
     started = time.perf_counter()
     address = address or os.environ.get("RAY_ADDRESS") or None
     uri, storage = spec.tracking_uri, spec.storage_path
@@ -131,9 +136,9 @@ def run_study(
         flush=True,
     )
     status = "failed"
-    ray_started = False
+    ray_started = requested = False
     try:
-        plan = Plan(spec, trials, tracker, simulate=simulate)
+        plan = Plan(spec, trials, tracker, simulate=simulate, callbacks=callbacks)
         plan.warn_stale()
         outcome.skipped = plan.already_finished()
         if plan.nothing_to_do():
@@ -141,7 +146,7 @@ def run_study(
             status = "finished"
             return outcome
         ray_started = _init_ray(address, num_cpus)
-        _check_resources(spec, address)
+        requested = _check_resources(spec, address)
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # evaluation metrics come every N epochs
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
         # MLflow is the record; Tune's CSV/JSON/TensorBoard loggers would import torch into the driver (~4 s, ~1 GB)
@@ -159,6 +164,11 @@ def run_study(
     finally:
         outcome.wall_s = time.perf_counter() - started
         tracker.close_parent(status)
+        if requested:  # withdraw the autoscaler request: idle nodes may scale down again
+            from ray.autoscaler.sdk import request_resources
+
+            with contextlib.suppress(Exception):  # never hide the study's own error
+                request_resources(bundles=[])
         if ray_started:
             import ray
 
@@ -228,25 +238,43 @@ def _init_ray(address: str | None, num_cpus: int | None) -> bool:
     return True
 
 
-def _check_resources(spec: StudySpec, address: str | None) -> None:
-    """A trial asking for more than the cluster has would wait PENDING forever: refuse (or shrink, locally)."""
+def _check_resources(spec: StudySpec, address: str | None) -> bool:
+    """A trial asking for more than Ray has waits PENDING forever. Locally: refuse a GPU this machine lacks,
+    shrink CPUs to what it has. On a cluster an autoscaler may still add the nodes (GPU workers with min 0):
+    ask it for one trial's resources now and warn. Returns True when a request was made (withdrawn at the end)."""
     import ray
 
     total = ray.cluster_resources()
     gpus, cpus = float(total.get("GPU", 0)), float(total.get("CPU", 0))
+    on_cluster = bool(address) and address != "local"
+    bundles = []
     for where, res in (("resources", spec.resources), ("resources.stage1", spec.resources.stage1)):
         if res is None:
             continue
+        if on_cluster:
+            if res.gpu > gpus or res.cpu > cpus:
+                bundles.append({k: v for k, v in (("CPU", res.cpu), ("GPU", res.gpu)) if v > 0})
+                print(
+                    f"warning: {spec.source}: {where}: a trial asks for cpu {res.cpu:g}, gpu {res.gpu:g}; the Ray "
+                    f"cluster has {cpus:g} CPUs, {gpus:g} GPUs now. Asked the autoscaler for them; trials wait "
+                    "PENDING until such a node joins (forever on a cluster without an autoscaler, or at its "
+                    "max_workers: then stop with Ctrl-C and fix `resources`).",
+                    flush=True,
+                )
+            continue
         if res.gpu > gpus:
             raise ConfigError(
-                f"{spec.source}: {where}.gpu: a trial asks for {res.gpu:g} GPU but the Ray cluster has {gpus:g}; "
-                "set `gpu: 0` to train on the CPU (slow), or run on a GPU machine or cluster"
+                f"{spec.source}: {where}.gpu: a trial asks for {res.gpu:g} GPU but this machine's Ray has {gpus:g}; "
+                "set `gpu: 0` to train on the CPU (slow), or run on a GPU machine or cluster (--address)"
             )
         if res.cpu > cpus:
-            if address:
-                raise ConfigError(f"{spec.source}: {where}.cpu: a trial asks for {res.cpu:g} CPUs; the cluster has {cpus:g}")
             print(f"note: {where}.cpu {res.cpu:g} > this machine's {cpus:g} CPUs; using {cpus:g}")
             res.cpu = cpus
+    if bundles:
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=bundles)
+    return bool(bundles)
 
 
 # ---- planning and the two phases ---------------------------------------------------------------
@@ -275,8 +303,16 @@ def _host() -> str:
 class Plan:
     """Which stage-I runs and trials still need work, and the Tune runs that do it."""
 
-    def __init__(self, spec: StudySpec, trials: list[Trial], tracker: StudyTracker, simulate: bool = False):
+    def __init__(
+        self,
+        spec: StudySpec,
+        trials: list[Trial],
+        tracker: StudyTracker,
+        simulate: bool = False,
+        callbacks: list[Any] | None = None,
+    ):
         self.spec, self.trials, self.tracker, self.simulate = spec, trials, tracker, simulate
+        self.callbacks = list(callbacks or [])  # extra tune.Callbacks (run_study)
         self.search = spec.search is not None
         self.full_trials = self.search and spec.search_touches_stage1()
         self.groups: dict[str, list[Trial]] = {}
@@ -645,7 +681,7 @@ class Plan:
                 storage_path=spec.storage_path,
                 failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                callbacks=[callback],
+                callbacks=[callback, *self.callbacks],
                 verbose=0,  # the tracking callback prints one line per trial event
             ),
         )
