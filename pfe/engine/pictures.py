@@ -130,9 +130,7 @@ def activation_figure(
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    if suptitle:
-        fig.suptitle(suptitle, fontsize=8)
-    fig.tight_layout()
+    _finish_layout(fig, suptitle)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
@@ -215,13 +213,21 @@ def retrieval_figure(
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    if suptitle:
-        fig.suptitle(suptitle, fontsize=8)
-    fig.tight_layout()
+    _finish_layout(fig, suptitle)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     return out
+
+
+def _finish_layout(fig: Any, suptitle: str | None) -> None:
+    """Tight layout that leaves room above the axes for a (possibly two-line) title."""
+    if not suptitle:
+        fig.tight_layout()
+        return
+    lines = suptitle.count("\n") + 1
+    fig.suptitle(suptitle, fontsize=8, y=1.0 - 0.04 / fig.get_figheight(), va="top")
+    fig.tight_layout(rect=(0.0, 0.0, 1.0, 1.0 - (0.12 * lines + 0.02) / fig.get_figheight()))
 
 
 def _border(ax: Any, color: str) -> None:
@@ -317,7 +323,7 @@ def write_pictures(
             out_dir / ACTIVATION_PNG,
             titles=titles,
             from_side=from_side,
-            suptitle=f"{label}  {note}; red = masked (M_s = 0)".strip(),
+            suptitle=f"{label}\n{note}; red = masked (M_s = 0)".strip(),
         )
     )
 
@@ -340,7 +346,7 @@ def write_pictures(
             [int(q_pids[i]) for i in rows],
             g_pids,
             out_dir / RETRIEVAL_PNG,
-            suptitle=f"{label}  top-{top}, green = same id, red = other id; {how}".strip(),
+            suptitle=f"{label}: top-{top}, green = same id, red = other id or distractor\n{how}".strip(),
         )
     )
     return written
