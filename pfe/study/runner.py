@@ -508,7 +508,12 @@ class Plan:
             )
 
     def _open_trial(
-        self, cfg: ExperimentConfig, trial: Trial | None, s1: RunRecord | None, **extra_tags: str
+        self,
+        cfg: ExperimentConfig,
+        trial: Trial | None,
+        s1: RunRecord | None,
+        epochs_asked: int | None = None,
+        **extra_tags: str,
     ) -> RunRecord:
         variant = (trial.variant if trial else "") or "base"
         label = trial.label if trial else extra_tags.pop("pfe.label", "search")
@@ -520,7 +525,9 @@ class Plan:
             "pfe.config_hash": cfg.config_hash(),
             "pfe.stage1_key": cfg.stage1_key(),
             "pfe.stage1_run_id": s1.run_id if s1 else "",
-            "pfe.epochs_asked": str(cfg.stage2.epochs if cfg.model.side != "none" else 0),
+            "pfe.epochs_asked": str(
+                epochs_asked if epochs_asked is not None else cfg.stage2.epochs if cfg.model.side != "none" else 0
+            ),
             **_env_tags(cfg),
         }
         tags.update({k: v for k, v in extra_tags.items() if k.startswith("pfe.")})
@@ -549,7 +556,7 @@ class Plan:
         if payload.get("search_values"):
             shown = ", ".join(f"{k}={_short(v)}" for k, v in payload["search_values"].items())
             extra = {"pfe.search": "1", "pfe.label": f"search {shown}"}
-        return self._open_trial(cfg, trial, s1, **extra)
+        return self._open_trial(cfg, trial, s1, payload["epochs_asked"], **extra)
 
     # -- search (Optuna via OptunaSearch, optional ASHA)
     def _search_runs(self) -> list[RunRecord]:
@@ -695,9 +702,7 @@ class Plan:
         return self._open_payload_trial(payload), payload
 
 
-def _staged_searcher(
-    first: list[dict[str, Any]], waiting: dict[str, list[dict[str, Any]]], release: Any
-) -> Any:
+def _staged_searcher(first: list[dict[str, Any]], waiting: dict[str, list[dict[str, Any]]], release: Any) -> Any:
     """A Tune Searcher that hands out the stage-I payloads (and stage-II payloads whose stage I is
     already done) at once, and each group's stage-II payloads when its stage I has finished."""
     from ray.tune.search import Searcher

@@ -613,8 +613,12 @@ def format_plan(spec: StudySpec) -> str:
         )
         for key, dist in s.space.items():
             lines.append(f"  {key}: {dist.describe()}")
-        per = "its own stage I per sample" if spec.search_touches_stage1() else "shared stage I"
-        lines.append(f"total: {len(trials) * s.num_samples} trials ({per}), {len(groups)} stage-I runs")
+        if spec.search_touches_stage1():
+            lines.append(
+                f"total: {len(trials) * s.num_samples} trials, each training its own stage I (a searched key changes it)"
+            )
+        else:
+            lines.append(f"total: {len(trials) * s.num_samples} trials (shared stage I), {len(groups)} stage-I runs")
     else:
         lines.append(f"total: {len(trials)} trials ({n_stage2} with a stage II), {len(groups)} stage-I runs")
     return "\n".join(lines)
