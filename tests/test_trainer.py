@@ -131,10 +131,12 @@ def test_stage2_from_stage1_checkpoint_leaves_main_branch_bit_identical(tiny_cfg
     keys = main_branch_state(model).keys()
     before = state_checksum({k: stage1_state[k] for k in keys})
 
-    variant = tiny_cfg.with_overrides({"model.side": "fa", "stage2.loss": "uniform"})
+    variant = tiny_cfg.with_overrides({"model.side": "fa", "stage2.loss": "uniform", "eval.rerank": True})
     hooks = Recorder()
-    train(variant, tmp_path / "stage2", hooks=hooks, stage1_from=stage1_dir)
+    result = train(variant, tmp_path / "stage2", hooks=hooks, stage1_from=stage1_dir)
     assert hooks.epochs == [(2, 1), (2, 2)], "stage I must not be retrained"
+    # Re-ranked metrics come beside the plain ones, never instead.
+    assert {"rerank/F2_F3_F4_F5/mAP", "eval/F2_F3_F4_F5/mAP"} <= result.metrics.keys()
     after_state = ckpt.load(ckpt.final_path(tmp_path / "stage2", 2))["model"]
     assert state_checksum({k: after_state[k] for k in keys}) == before
     side_keys = [k for k in after_state if k not in keys and after_state[k].is_floating_point()]

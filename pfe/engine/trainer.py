@@ -36,6 +36,7 @@ from pfe.data.sampler import PKSampler
 from pfe.data.transforms import build_test_transform, build_train_transform
 from pfe.engine import checkpoint as ckpt
 from pfe.engine.evaluation import evaluate_sets, extract_features
+from pfe.engine.rerank import rerank_sets
 from pfe.errors import PFEError
 from pfe.model import PFENet, PFEOutput, build_model
 
@@ -260,6 +261,8 @@ class _Run:
         args = (q_feats, g_feats, q_pids, g_pids, q_cams, g_cams)
         metrics, cmc = evaluate_sets(*args, sets=sets, max_rank=self.cfg.eval.max_rank, return_cmc=True)
         self.cmc = {k: [float(x) for x in v] for k, v in cmc.items()}
+        if self.cfg.eval.rerank:  # k-reciprocal re-ranking, reported beside the plain metrics
+            metrics.update(rerank_sets(*args, sets=sets, max_rank=self.cfg.eval.max_rank))
         final = sets[-1] if stage == 1 else self.cfg.final_set
         if final in sets:
             for name in ("rank1", "mAP", "mINP"):
