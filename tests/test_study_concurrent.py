@@ -41,7 +41,7 @@ FINAL_KEYS = ["rank1", "mAP", "mINP"]
 def test_eight_concurrent_trials_lose_no_metric_point(tmp_path: Path) -> None:
     (tmp_path / "study.yaml").write_text(STUDY)
     (tmp_path / "crash").mkdir()
-    env = dict(os.environ, PFE_SIMULATE_EPOCH_S="1.0", PFE_SIMULATE_CRASH_ONCE=str(tmp_path / "crash"))
+    env = dict(os.environ, PFE_SIMULATE_EPOCH_S="2.0", PFE_SIMULATE_CRASH_ONCE=str(tmp_path / "crash"))
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run(
