@@ -147,3 +147,18 @@ def test_nan_loss_stops_naming_stage_epoch_and_term(tiny_cfg, tmp_path):
     cfg = tiny_cfg.with_overrides({"stage1.lr": 1e30, "runtime.nan_check_every": 1})
     with pytest.raises(NonFiniteLoss, match=r"stage 1 epoch 1: loss term\(s\) .*(ce|triplet|loss)"):
         train(cfg, tmp_path / "nan")
+
+
+def test_a_stage_restored_from_its_final_checkpoint_is_not_retrained(tiny_cfg, uninterrupted, tmp_path):
+    import shutil
+
+    result = uninterrupted[0]
+    copy = tmp_path / "restored"
+    for stage in (1, 2):  # what a Tune checkpoint of a finished stage holds: final.pt only
+        (copy / f"stage{stage}").mkdir(parents=True)
+        shutil.copy(ckpt.final_path(result.workdir, stage), ckpt.final_path(copy, stage))
+    hooks = Recorder()
+    restored = train(tiny_cfg, copy, hooks=hooks)
+    assert hooks.epochs == [] and hooks.stage_ends == [2]
+    assert restored.metrics == result.metrics
+    assert restored.cmc == result.cmc and "F2_F3_F4_F5" in restored.cmc

@@ -296,6 +296,7 @@ class _Run:
             ckpt.set_rng_state(start_state["rng"])
             first_epoch = start_state["epoch"] + 1
             metrics = dict(start_state["metrics"])
+            self.cmc = dict(start_state.get("cmc", {}))
             self.log(f"stage {stage}: resuming after epoch {start_state['epoch']}")
         elif stage == 1 and cfg.eval.at_start:
             metrics = self.evaluate(stage)
@@ -385,6 +386,7 @@ class _Run:
             "metrics": {k: float(v) for k, v in metrics.items()},
             "num_classes": self.data.num_train_pids,
             "config": dump_config(self.cfg),
+            "cmc": self.cmc,
         }
 
 
@@ -445,6 +447,9 @@ def train(
     wall: dict[str, float] = {}
 
     def resume_state(stage: int) -> dict[str, Any] | None:
+        """The stage's final checkpoint if it ended, else its newest epoch checkpoint, else None."""
+        if ckpt.final_path(workdir, stage).is_file():
+            return ckpt.load(ckpt.final_path(workdir, stage))
         found = ckpt.epoch_checkpoints(workdir, stage)
         return ckpt.load(found[-1][1]) if found else None
 
@@ -455,6 +460,7 @@ def train(
         state = ckpt.load(stage1_final)
         run.model.load_state_dict(_with_fresh_side(run.model, state["model"]), strict=True)
         stage1_metrics = dict(state["metrics"])
+        run.cmc = dict(state.get("cmc", {}))
     elif 1 in stages:
         t0 = time.perf_counter()
         stage1_metrics = run.run_stage(1, resume_state(1))
