@@ -46,7 +46,6 @@ import numpy as np
 import torch
 
 from pfe.config import ExperimentConfig
-from pfe.errors import DataError
 
 GB = 1e9
 
@@ -95,13 +94,6 @@ QUICK = Sizes(height=64, width=32, ids_per_batch=4, images_per_id=2, backbone="r
               synth_images_per_id=4, epochs=2, eval_size="quick")
 
 
-def resolve_bench_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DataError(f"--device {name}: no CUDA device is visible")
-    return device
 
 
 def bench_configs(sizes: Sizes, device: torch.device) -> dict[str, ExperimentConfig]:
@@ -462,7 +454,9 @@ def summarise(report: dict[str, Any]) -> None:
 def bench_train(device: str = "auto", quick: bool = False, out: str | Path | None = None,
                 log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the training benchmark; returns the report (also written to ``out/bench_<device>[_quick].json``)."""
-    dev = resolve_bench_device(device)
+    from pfe.engine.trainer import resolve_device
+
+    dev = resolve_device(device)
     sizes = QUICK if quick else FULL
     configs = bench_configs(sizes, dev)
     report: dict[str, Any] = {

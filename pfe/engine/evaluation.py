@@ -452,3 +452,37 @@ def evaluate_sets(
             metrics[f"{prefix}/{name}/{metric}"] = 100.0 * float(values[metric])
         curves[name] = cmc[:max_rank]
     return (metrics, curves) if return_cmc else metrics
+
+
+def twins_query_mask(q_pids: np.ndarray, g_pids: np.ndarray, twins: dict[int, int]) -> np.ndarray:
+    """Queries whose twin identity (synthreid's manifest) is in the gallery."""
+    gallery_ids = set(np.asarray(g_pids).tolist())
+    return np.array([twins.get(int(p), -1) in gallery_ids for p in np.asarray(q_pids)], dtype=bool)
+
+
+def evaluate_features(
+    query: dict[str, torch.Tensor],
+    gallery: dict[str, torch.Tensor],
+    q_pids: np.ndarray,
+    g_pids: np.ndarray,
+    q_camids: np.ndarray,
+    g_camids: np.ndarray,
+    *,
+    sets: Sequence[str],
+    max_rank: int = 50,
+    twins: dict[int, int] | None = None,
+    rerank: bool = False,
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """``eval/<set>/<metric>`` of each set with its CMC curve; with ``twins`` also the twins-only
+    queries (``twins/...``); with ``rerank`` also k-reciprocal re-ranked metrics (``rerank/...``)."""
+    args = (query, gallery, q_pids, g_pids, q_camids, g_camids)
+    metrics, cmc = evaluate_sets(*args, sets=sets, max_rank=max_rank, return_cmc=True)
+    if twins:
+        mask = twins_query_mask(q_pids, g_pids, twins)
+        if mask.any():
+            metrics.update(evaluate_sets(*args, sets=sets, max_rank=max_rank, query_mask=mask, prefix="twins"))
+    if rerank:
+        from pfe.engine.rerank import rerank_sets  # rerank builds on this module
+
+        metrics.update(rerank_sets(*args, sets=sets, max_rank=max_rank))
+    return metrics, cmc

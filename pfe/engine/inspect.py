@@ -21,15 +21,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from pfe.config import RANK_METRICS, ExperimentConfig
 from pfe.data.datasets import ReIDDataset, build_dataset
 from pfe.data.loader import ImageDataset
 from pfe.data.transforms import build_test_transform
 from pfe.engine import checkpoint as ckpt
-from pfe.engine.evaluation import evaluate_sets, extract_features
-from pfe.engine.rerank import rerank_sets
+from pfe.engine.evaluation import evaluate_features
 from pfe.errors import PFEError
 
 MLFLOW_RUN_FILE = "mlflow_run.json"
@@ -162,7 +160,7 @@ def evaluate_checkpoint(
     Input size, flip and max rank come from the model's config; ``sets`` default to the model's
     configured evaluation sets. With ``rerank`` the re-ranked metrics are added beside the plain ones.
     """
-    from pfe.engine.trainer import autocast_dtype, load_trained_model, resolve_device
+    from pfe.engine.trainer import autocast_dtype, extract_split_features, load_trained_model, resolve_device
 
     path = resolve_checkpoint(checkpoint)
     dev = resolve_device(device)
@@ -176,35 +174,14 @@ def evaluate_checkpoint(
     _check_sets(sets, available, path)
 
     transform = build_test_transform(cfg.data.height, cfg.data.width)
-    amp = autocast_dtype(cfg.runtime.precision, dev)
-    n_workers = cfg.data.workers if workers is None else workers
-    bs = batch_size or cfg.eval.batch_size
-
-    def loader(samples: list) -> DataLoader:
-        return DataLoader(
-            ImageDataset(samples, transform),
-            batch_size=bs,
-            shuffle=False,
-            num_workers=n_workers,
-            pin_memory=dev.type == "cuda",
-        )
-
-    def forward(images: torch.Tensor) -> dict[str, torch.Tensor]:
-        with torch.autocast(dev.type, amp, enabled=amp is not None):
-            feats = model.extract(images.to(dev, non_blocking=True))
-        return {k: v.float() for k, v in feats.items()}
-
-    q, q_pids, q_cams = extract_features(forward, loader(data.query), dev, flip=cfg.eval.flip)
-    g, g_pids, g_cams = extract_features(forward, loader(data.gallery), dev, flip=cfg.eval.flip)
-    args = (q, g, q_pids, g_pids, q_cams, g_cams)
-    metrics, cmc = evaluate_sets(*args, sets=sets, max_rank=cfg.eval.max_rank, return_cmc=True)
-    if data.twins:
-        gallery_ids = set(g_pids.tolist())
-        mask = np.array([data.twins.get(int(p), -1) in gallery_ids for p in q_pids])
-        if mask.any():
-            metrics.update(evaluate_sets(*args, sets=sets, max_rank=cfg.eval.max_rank, query_mask=mask, prefix="twins"))
-    if rerank:
-        metrics.update(rerank_sets(*args, sets=sets, max_rank=cfg.eval.max_rank))
+    q, g, q_pids, g_pids, q_cams, g_cams = extract_split_features(
+        model, ImageDataset(data.query, transform), ImageDataset(data.gallery, transform), dev,
+        autocast_dtype(cfg.runtime.precision, dev), flip=cfg.eval.flip,
+        batch_size=batch_size or cfg.eval.batch_size, workers=cfg.data.workers if workers is None else workers,
+    )
+    metrics, cmc = evaluate_features(
+        q, g, q_pids, g_pids, q_cams, g_cams, sets=sets, max_rank=cfg.eval.max_rank, twins=data.twins, rerank=rerank
+    )
     return EvalReport(
         checkpoint=path,
         cfg=cfg,

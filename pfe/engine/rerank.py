@@ -21,12 +21,13 @@ import json
 import math
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from pfe.engine.evaluation import _one_cpu_thread
 
 __all__ = ["k_reciprocal_rerank", "rerank_benchmark", "rerank_sets"]
 
@@ -34,17 +35,6 @@ __all__ = ["k_reciprocal_rerank", "rerank_benchmark", "rerank_sets"]
 _BUDGET = 1 << 24
 
 
-@contextmanager
-def _one_cpu_thread(device: torch.device) -> Iterator[None]:
-    if device.type != "cpu":
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _as_tensor(x: Tensor | np.ndarray) -> Tensor:

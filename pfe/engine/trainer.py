@@ -35,8 +35,7 @@ from pfe.data.loader import ImageDataset
 from pfe.data.sampler import PKSampler
 from pfe.data.transforms import build_test_transform, build_train_transform
 from pfe.engine import checkpoint as ckpt
-from pfe.engine.evaluation import evaluate_sets, extract_features
-from pfe.engine.rerank import rerank_sets
+from pfe.engine.evaluation import evaluate_features, extract_features
 from pfe.errors import PFEError
 from pfe.model import PFENet, PFEOutput, build_model
 
@@ -118,6 +117,34 @@ def build_optimizer(params: list[nn.Parameter], recipe: _Recipe, device: torch.d
     return torch.optim.Adam(
         params, lr=recipe.lr, weight_decay=recipe.weight_decay, fused=device.type == "cuda" or None
     )
+
+
+def extract_split_features(
+    model: PFENet,
+    query: ImageDataset,
+    gallery: ImageDataset,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    *,
+    flip: bool = False,
+    batch_size: int = 128,
+    workers: int = 0,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """BN features of every layer for the query and gallery images:
+    (query, gallery, q_pids, g_pids, q_camids, g_camids), the arguments of ``evaluate_features``."""
+    model.eval()
+
+    def forward(images: torch.Tensor) -> dict[str, torch.Tensor]:
+        with torch.autocast(device.type, amp_dtype, enabled=amp_dtype is not None):
+            feats = model.extract(images.to(device, non_blocking=True))
+        return {k: v.float() for k, v in feats.items()}
+
+    def loader(dataset: ImageDataset) -> DataLoader:
+        return DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda")
+
+    q, q_pids, q_cams = extract_features(forward, loader(query), device, flip=flip)
+    g, g_pids, g_cams = extract_features(forward, loader(gallery), device, flip=flip)
+    return q, g, q_pids, g_pids, q_cams, g_cams
 
 
 def place_model(model: PFENet, device: torch.device) -> PFENet:
@@ -242,39 +269,20 @@ class _Run:
 
     # -- evaluation
     def evaluate(self, stage: int) -> dict[str, float]:
-        """Query/gallery features of every layer; metrics of each configured set (F5 only in stage I)."""
+        """Metrics of each configured set (F5 only in stage I), twins-only and re-ranked ones too."""
         sets = ["F5"] if stage == 1 else self.cfg.eval_sets
-        self.model.eval()
-        bs = self.cfg.eval.batch_size
-
-        def forward(images: torch.Tensor) -> dict[str, torch.Tensor]:
-            with torch.autocast(self.device.type, self.amp_dtype, enabled=self.amp_dtype is not None):
-                feats = self.model.extract(images.to(self.device, non_blocking=True))
-            return {k: v.float() for k, v in feats.items()}
-
-        q_feats, q_pids, q_cams = extract_features(
-            forward, self._loader(self.query_set, batch_size=bs), self.device, flip=self.cfg.eval.flip
+        feats = extract_split_features(
+            self.model, self.query_set, self.gallery_set, self.device, self.amp_dtype,
+            flip=self.cfg.eval.flip, batch_size=self.cfg.eval.batch_size, workers=self.cfg.data.workers,
         )
-        g_feats, g_pids, g_cams = extract_features(
-            forward, self._loader(self.gallery_set, batch_size=bs), self.device, flip=self.cfg.eval.flip
+        metrics, cmc = evaluate_features(
+            *feats, sets=sets, max_rank=self.cfg.eval.max_rank, twins=self.data.twins, rerank=self.cfg.eval.rerank
         )
-        args = (q_feats, g_feats, q_pids, g_pids, q_cams, g_cams)
-        metrics, cmc = evaluate_sets(*args, sets=sets, max_rank=self.cfg.eval.max_rank, return_cmc=True)
         self.cmc = {k: [float(x) for x in v] for k, v in cmc.items()}
-        if self.cfg.eval.rerank:  # k-reciprocal re-ranking, reported beside the plain metrics
-            metrics.update(rerank_sets(*args, sets=sets, max_rank=self.cfg.eval.max_rank))
         final = sets[-1] if stage == 1 else self.cfg.final_set
         if final in sets:
             for name in ("rank1", "mAP", "mINP"):
                 metrics[name] = metrics[f"eval/{final}/{name}"]
-        if self.data.twins:
-            gallery_ids = set(g_pids.tolist())
-            mask = np.array([self.data.twins.get(int(p), -1) in gallery_ids for p in q_pids])
-            if mask.any():
-                twins, _ = evaluate_sets(
-                    *args, sets=sets, max_rank=self.cfg.eval.max_rank, query_mask=mask, prefix="twins", return_cmc=True
-                )
-                metrics.update(twins)
         return metrics
 
     # -- one stage
