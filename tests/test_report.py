@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import time
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from pfe.cli import main
+from pfe.engine.inspect import find_mlflow_run
 
 GPU = "NVIDIA H100 80GB HBM3"
 STUDY_YAML = """\
@@ -234,6 +236,26 @@ def test_report_after_the_tiny_study(tiny_study_run, tmp_path: Path) -> None:
     assert r"\toprule" in (folder / "table.tex").read_text()
     assert "| TSAM+MFA" in (folder / "table.md").read_text()
     assert (out / "index.md").is_file() and (out / "index.html").is_file()
+
+    # the pictures of a stage-II trial: in its final checkpoint, logged to its run, linked from the page
+    client = MlflowClient(tiny_study_run.tracking_uri)
+    exp = client.get_experiment_by_name("tiny")
+    runs = client.search_runs([exp.experiment_id], "tags.`pfe.role` = 'trial' and tags.`pfe.variant` = 'TSAM+MFA'")
+    run = max(runs, key=lambda r: r.info.start_time)
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "pictures")}
+    assert {"pictures/activation_maps.png", "pictures/retrieval.png"} <= logged
+    page = (folder / "index.md").read_text()
+    links = re.findall(r"^- TSAM\+MFA \(seed \d+\): (.*)$", page, flags=re.M)
+    assert len(links) == 1, page
+    targets = dict(re.findall(r"\[([\w.]+)\]\(([^)]+)\)", links[0]))
+    assert set(targets) == {"activation_maps.png", "retrieval.png"}
+    assert all((folder / t).is_file() and (folder / t).stat().st_size > 1000 for t in targets.values())
+    assert "- TSAM (seed" not in page  # side=none: no stage II, no pictures
+    # `pfe-study eval <final checkpoint folder> --log-mlflow` finds the trial's run
+    checkpoint = Path(run.data.tags["pfe.checkpoint"])
+    assert (checkpoint / "pictures" / "retrieval.png").is_file()
+    found, _ = find_mlflow_run(checkpoint)
+    assert found == {"tracking_uri": tiny_study_run.tracking_uri, "run_id": run.info.run_id}
 
 
 GRID_YAML = """\

@@ -26,6 +26,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
 
 import pandas as pd
 import yaml
@@ -1008,6 +1010,29 @@ def _problem_lines(frame: pd.DataFrame) -> list[str]:
     return lines
 
 
+def picture_link(artifact_uri: str, name: str, folder: Path) -> str:
+    """Where a run's ``pictures/<name>`` is: a path relative to ``folder`` for a local artifact store,
+    else the artifact URI."""
+    parts = urlsplit(artifact_uri)
+    if parts.scheme in ("", "file"):
+        local = Path(url2pathname(parts.path)) / "pictures" / name
+        return Path(os.path.relpath(local, folder.resolve())).as_posix()
+    return f"{artifact_uri.rstrip('/')}/pictures/{name}"
+
+
+def picture_lines(records: StudyRecords, folder: Path) -> list[str]:
+    """One line per trial whose run carries pictures (tag ``pfe.pictures``, set by the study runner)."""
+    lines = []
+    for run in records.trials:
+        names = [n for n in (_tag(run, "pfe.pictures") or "").split(",") if n]
+        if not names:
+            continue
+        label = f"{_axis_value(run, records.layout.rows)} (seed {_tag(run, 'pfe.seed') or '?'})"
+        links = ", ".join(f"[{n}]({picture_link(run.info.artifact_uri, n, folder)})" for n in names)
+        lines.append(f"- {label}: {links}")
+    return lines
+
+
 def write_study(
     records: StudyRecords, out_root: Path, formats: Sequence[str], reference: dict[str, Any]
 ) -> StudyOutput:
@@ -1077,6 +1102,10 @@ def write_study(
         lines += ["", "## Notes", "", *[f"- {n}" for n in records.notes]]
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
+    pictures = picture_lines(records, folder)
+    if pictures:
+        lines += ["", "## Pictures", "", "Activation maps (A_s, M_s) and retrieval grids of the finished trials:", ""]
+        lines += pictures
     if tables:
         lines += ["", "Files: " + ", ".join(f"[{p.name}]({p.name})" for p in tables.values())]
     (folder / "index.md").write_text("\n".join(lines) + "\n")

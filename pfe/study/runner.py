@@ -47,6 +47,7 @@ from pfe.study.tracking import (
 from pfe.study.uris import mask_uri
 
 CHECKPOINT_META = "pfe_checkpoint.json"
+PICTURES_DIR = "pictures"  # in the final stage-II checkpoint; logged to the trial's MLflow run by the driver
 
 
 # ---- CLI ---------------------------------------------------------------------------------------
@@ -853,10 +854,12 @@ class _Reporter:
 
     def stage_end(self, stage: int, metrics: dict[str, float], final: Path) -> None:
         epoch = self.stage_epochs[stage]
-        self._report_with(stage, epoch, self.pending if self.pending is not None else metrics, final)
+        self._report_with(stage, epoch, self.pending if self.pending is not None else metrics, final, end=True)
         self.pending = None
 
-    def _report_with(self, stage: int, epoch: int, metrics: dict[str, float], path: Path) -> None:
+    def _report_with(self, stage: int, epoch: int, metrics: dict[str, float], path: Path, end: bool = False) -> None:
+        """One report with a checkpoint folder; a stage's end is flagged (``pfe_stage_end``) for the driver,
+        and the end of stage II (side branches) also carries the pictures (``pictures/``, ``pfe_pictures``)."""
         from ray import tune
 
         folder = Path(tempfile.mkdtemp(prefix="ckpt-", dir=self.workdir.parent))
@@ -870,9 +873,12 @@ class _Reporter:
             (folder / CHECKPOINT_META).write_text(
                 json.dumps({"stage": stage, "epoch": epoch, "key": self.payload["key"]})
             )
-            tune.report(
-                {**metrics, **self._fields(stage, epoch)}, checkpoint=tune.Checkpoint.from_directory(str(folder))
-            )
+            fields = self._fields(stage, epoch)
+            if end:
+                fields["pfe_stage_end"] = stage
+                if stage == 2 and self.payload["cfg"]["model"]["side"] != "none" and not self.payload.get("simulate"):
+                    fields["pfe_pictures"] = _write_pictures(self.payload, path, folder / PICTURES_DIR)
+            tune.report({**metrics, **fields}, checkpoint=tune.Checkpoint.from_directory(str(folder)))
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
@@ -884,6 +890,50 @@ class _Reporter:
             stage = 1
         fields = self._fields(stage, self.stage_epochs[stage])
         tune.report({**metrics, **fields, "pfe_final": 1, "pfe_cmc": json.dumps(cmc)})
+
+
+def _write_pictures(payload: dict[str, Any], final: Path, out: Path) -> int:
+    """The activation maps and the retrieval grid of a finished stage II into ``out``: what
+    ``pictures_for_checkpoint`` draws, smaller (4 images, 4 queries x top 5; ~2 s of drawing on a CPU) and
+    with only the two sets the grid shows evaluated (one more feature extraction of query and gallery).
+    Returns how many PNGs; a failure is a warning, never the trial's end."""
+    try:
+        from pfe.data.transforms import build_test_transform
+        from pfe.engine.inspect import evaluate_checkpoint
+        from pfe.engine.pictures import write_pictures
+
+        started = time.perf_counter()
+        cfg = validate_config(payload["cfg"])
+        final_set = cfg.final_set
+        sets = list(dict.fromkeys(["F5", final_set]))
+        report = evaluate_checkpoint(final, sets=sets, device=cfg.runtime.device, workers=cfg.data.workers)
+        paths = write_pictures(
+            report.model,
+            report.dataset.query,
+            report.dataset.gallery,
+            report.query,
+            report.gallery,
+            report.q_pids,
+            report.g_pids,
+            report.q_camids,
+            report.g_camids,
+            out,
+            height=cfg.data.height,
+            width=cfg.data.width,
+            transform=build_test_transform(cfg.data.height, cfg.data.width),
+            final_set=final_set,
+            device=report.device,
+            num_images=4,
+            num_queries=4,
+            top=5,
+            label=f"{cfg.model.backbone} {cfg.model.side} {cfg.stage2.loss} on {report.dataset.name}",
+        )
+        print(f"pictures: {len(paths)} PNGs in {time.perf_counter() - started:.1f} s", flush=True)
+        return len(paths)
+    except Exception as err:  # noqa: BLE001 - a picture never fails a trial
+        shutil.rmtree(out, ignore_errors=True)
+        print(f"warning: trial {payload.get('key', '?')[:10]}: no pictures ({type(err).__name__}: {err})", flush=True)
+        return 0
 
 
 def _restore(checkpoint: Any, workdir: Path) -> None:

@@ -25,13 +25,22 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from pfe.errors import ConfigError, PFEError
-from pfe.study.uris import is_local_tracking, is_shared_storage, mask_text, mask_uri, sqlite_path, tracking_scheme
+from pfe.study.uris import (
+    is_local_tracking,
+    is_shared_storage,
+    mask_text,
+    mask_uri,
+    sqlite_path,
+    tracking_scheme,
+)
 
 # Run status tag values (contract) and the MLflow run status each maps to.
 STATUS_TO_MLFLOW = {"finished": "FINISHED", "incomplete": "KILLED", "failed": "FAILED", "running": "RUNNING"}
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_PER_BATCH = 100
 MAX_TAGS_PER_BATCH = 100
+PICTURES_DIR = "pictures"  # the final stage-II checkpoint's pictures, logged under this artifact path
+MLFLOW_RUN_FILE = "mlflow_run.json"  # = pfe.engine.inspect.MLFLOW_RUN_FILE (not imported: the driver stays torch-free)
 
 
 class TrackingError(PFEError):
@@ -417,6 +426,8 @@ def make_tracking_callback(
             step = int(result.get("pfe_step", result.get("training_iteration", 0)))
             metrics = metric_items(result)
             self.points += tracker.log_step(state.rec, metrics, step, tags)
+            if result.get("pfe_stage_end") and result.get("checkpoint_dir_name") and trial.path:
+                at_end(tracker, state.rec, prefix, f"{trial.path}/{result['checkpoint_dir_name']}", result)
             if not result.get("pfe_final"):
                 shown = "  ".join(
                     f"{k.split('/')[-1] if k.startswith('train/') else k}={metrics[k]:.3g}"
@@ -457,6 +468,46 @@ def make_tracking_callback(
             _say(f"FAILED {_label(state)}: {error}")
 
     return TrackingCallback()
+
+
+def public_tracking_uri(uri: str) -> str:
+    """The tracking URI without credentials (user info, secret query values): safe to write into a file."""
+    clean = split_credentials(uri)[0]
+    if mask_uri(clean) == clean:
+        return clean
+    parts = urlsplit(clean)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2], query=""))
+
+
+def at_end(tracker: StudyTracker, rec: RunRecord, prefix: str, path: str, result: dict[str, Any]) -> None:
+    """A stage's final checkpoint (``prefix + path``) has been stored: log its ``pictures/`` PNGs to the run
+    (tag ``pfe.pictures`` lists them) and, on local storage, write ``mlflow_run.json`` into the folder so
+    ``pfe-study eval FOLDER --log-mlflow`` finds the run. Either failing is a warning, never the trial's end."""
+    import tempfile
+
+    if result.get("pfe_pictures"):
+        try:
+            with tempfile.TemporaryDirectory(prefix="pfe-pictures-") as tmp:
+                if prefix:  # remote storage (s3://, gs://, ...): fetch just the pictures
+                    from pyarrow import fs as pafs
+
+                    pafs.copy_files(f"{prefix}{path}/{PICTURES_DIR}", tmp)
+                    local = Path(tmp)
+                else:
+                    local = Path(path) / PICTURES_DIR
+                names = sorted(p.name for p in local.glob("*.png"))
+                if names:
+                    tracker.client.log_artifacts(rec.run_id, str(local), artifact_path=PICTURES_DIR)
+                    tracker.set_tags(rec, {"pfe.pictures": ",".join(names)})
+        except Exception as err:  # noqa: BLE001 - pictures are a courtesy
+            _say(f"warning: pictures of run {rec.run_id} not logged: {mask_text(str(err), [tracker.uri])}")
+    folder = Path(path)
+    if not prefix and folder.is_dir():
+        info = {"tracking_uri": public_tracking_uri(tracker.uri), "run_id": rec.run_id}
+        try:
+            (folder / MLFLOW_RUN_FILE).write_text(json.dumps(info, indent=1) + "\n")
+        except OSError as err:
+            _say(f"warning: {folder / MLFLOW_RUN_FILE}: not written ({err})")
 
 
 def _label(state: _TrialState) -> str:
