@@ -318,7 +318,7 @@ def time_epochs(cfg: ExperimentConfig, sizes: Sizes, device: torch.device) -> di
         for epoch in range(1, sizes.epochs + 1):
             _sync(device)
             start = time.perf_counter()
-            metrics = run._train_epoch(1, epoch, optimizer, cfg.stage1)
+            metrics = run._train_epoch(1, epoch, optimizer)
             _sync(device)
             seconds = time.perf_counter() - start
             images = len(run.sampler) * cfg.data.batch_size

@@ -254,17 +254,13 @@ class _Run:
         if self.train_cache is not None:
             generator = epoch_generator(self.device, self.cfg.runtime.seed, stage, epoch)
             return self.train_cache.epoch(self.sampler, generator)
-        return self._loader(self.train_set, batch_sampler=self.sampler)
-
-    def _loader(self, dataset: ImageDataset, **kwargs: Any) -> DataLoader:
         workers = self.cfg.data.workers
         return DataLoader(
-            dataset,
+            self.train_set,
+            batch_sampler=self.sampler,
             num_workers=workers,
             pin_memory=self.device.type == "cuda",
-            persistent_workers=False,
             prefetch_factor=4 if workers else None,
-            **kwargs,
         )
 
     # -- evaluation
@@ -313,11 +309,9 @@ class _Run:
 
         started = time.perf_counter()
         for epoch in range(first_epoch, recipe.epochs + 1):
-            epoch_metrics = self._train_epoch(stage, epoch, optimizer, recipe)
+            epoch_metrics = self._train_epoch(stage, epoch, optimizer)
             scheduler.step()
-            if cfg.eval.interval and epoch % cfg.eval.interval == 0 and epoch < recipe.epochs:
-                epoch_metrics.update(self.evaluate(stage))
-            if epoch == recipe.epochs:
+            if epoch == recipe.epochs or (cfg.eval.interval and epoch % cfg.eval.interval == 0):
                 epoch_metrics.update(self.evaluate(stage))
             metrics = epoch_metrics
             path = ckpt.epoch_path(self.workdir, stage, epoch)
@@ -335,9 +329,7 @@ class _Run:
         self.hooks.on_stage_end(stage, metrics, final)
         return metrics
 
-    def _train_epoch(
-        self, stage: int, epoch: int, optimizer: torch.optim.Optimizer, recipe: _Recipe
-    ) -> dict[str, float]:
+    def _train_epoch(self, stage: int, epoch: int, optimizer: torch.optim.Optimizer) -> dict[str, float]:
         cfg, model, device = self.cfg, self.model, self.device
         loader = self._train_batches(stage, epoch)
         loss_fn = stage_loss_fn(cfg, stage)
