@@ -286,8 +286,9 @@ def load_features(path: str | Path) -> dict[str, Any]:
     return out
 
 
-def write_report_pictures(report: EvalReport, out_dir: str | Path) -> list[Path]:
-    """The activation-map and retrieval pictures of an evaluated model (see pfe.engine.pictures)."""
+def write_report_pictures(report: EvalReport, out_dir: str | Path, **sizes: int) -> list[Path]:
+    """The activation-map and retrieval pictures of an evaluated model (see pfe.engine.pictures);
+    ``sizes``: num_images, num_queries, top of ``write_pictures``."""
     from pfe.engine.pictures import write_pictures
 
     cfg = report.cfg
@@ -308,7 +309,8 @@ def write_report_pictures(report: EvalReport, out_dir: str | Path) -> list[Path]
         transform=build_test_transform(cfg.data.height, cfg.data.width),
         final_set=final,
         device=report.device,
-        label=f"{cfg.model.backbone} {cfg.model.side} on {report.dataset.name}",
+        label=f"{cfg.model.backbone} {cfg.model.side} {cfg.stage2.loss} on {report.dataset.name}",
+        **sizes,
     )
 
 

@@ -898,36 +898,13 @@ def _write_pictures(payload: dict[str, Any], final: Path, out: Path) -> int:
     with only the two sets the grid shows evaluated (one more feature extraction of query and gallery).
     Returns how many PNGs; a failure is a warning, never the trial's end."""
     try:
-        from pfe.data.transforms import build_test_transform
-        from pfe.engine.inspect import evaluate_checkpoint
-        from pfe.engine.pictures import write_pictures
+        from pfe.engine.inspect import evaluate_checkpoint, write_report_pictures
 
         started = time.perf_counter()
         cfg = validate_config(payload["cfg"])
-        final_set = cfg.final_set
-        sets = list(dict.fromkeys(["F5", final_set]))
+        sets = list(dict.fromkeys(["F5", cfg.final_set]))
         report = evaluate_checkpoint(final, sets=sets, device=cfg.runtime.device, workers=cfg.data.workers)
-        paths = write_pictures(
-            report.model,
-            report.dataset.query,
-            report.dataset.gallery,
-            report.query,
-            report.gallery,
-            report.q_pids,
-            report.g_pids,
-            report.q_camids,
-            report.g_camids,
-            out,
-            height=cfg.data.height,
-            width=cfg.data.width,
-            transform=build_test_transform(cfg.data.height, cfg.data.width),
-            final_set=final_set,
-            device=report.device,
-            num_images=4,
-            num_queries=4,
-            top=5,
-            label=f"{cfg.model.backbone} {cfg.model.side} {cfg.stage2.loss} on {report.dataset.name}",
-        )
+        paths = write_report_pictures(report, out, num_images=4, num_queries=4, top=5)
         print(f"pictures: {len(paths)} PNGs in {time.perf_counter() - started:.1f} s", flush=True)
         return len(paths)
     except Exception as err:  # noqa: BLE001 - a picture never fails a trial
