@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pfe.engine.evaluation import _one_cpu_thread
+from pfe.config import RANK_METRICS
+from pfe.engine.evaluation import _one_cpu_thread, rank_metrics, set_features
 
 __all__ = ["k_reciprocal_rerank", "rerank_benchmark", "rerank_sets"]
 
@@ -290,9 +291,6 @@ def rerank_sets(
     """Re-ranked rank metrics of each feature set, ``{prefix}/<set>/<metric>`` in percent, the
     same sets and keys as :func:`pfe.engine.evaluation.evaluate_sets` gives for the plain ones.
     k1 and k2 shrink on a tiny test split (fewer than k1 + 1 images)."""
-    from pfe.config import RANK_METRICS
-    from pfe.engine.evaluation import rank_metrics, set_features
-
     n = len(q_pids) + len(g_pids)
     k1 = min(k1, n - 1)
     k2 = min(k2, k1 + 1)
