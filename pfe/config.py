@@ -278,7 +278,7 @@ def describe_validation_error(err: ValidationError, source: str) -> str:
     for problem in err.errors():
         key = ".".join(str(p) for p in problem["loc"]) or "(top level)"
         if problem["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key (misspelled? see `pfe-study train --help-config`)")
+            lines.append(f"  {key}: unknown key (misspelled? the keys are the fields of pfe/config.py)")
         else:
             got = problem.get("input")
             shown = "" if isinstance(got, dict) else f" (got {got!r})"
