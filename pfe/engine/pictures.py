@@ -127,14 +127,7 @@ def activation_figure(
     labels = ["input"] + [(k if from_side else f"{k} (main)") for k in a_keys] + m_keys
     for c, label in enumerate(labels):
         axes[0][c].set_title(label, fontsize=8)
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    _finish_layout(fig, suptitle)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    return out
+    return _save(fig, axes, suptitle, out)
 
 
 def ranked_gallery(
@@ -210,6 +203,11 @@ def retrieval_figure(
                 if r == 0:
                     ax.set_title(str(c + 1), fontsize=7)
     axes[0][0].set_title("query", fontsize=7)
+    return _save(fig, axes, suptitle, out)
+
+
+def _save(fig: Any, axes: Any, suptitle: str | None, out: str | Path) -> Path:
+    """Axes without ticks, the layout finished, the figure written as PNG to ``out``."""
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
