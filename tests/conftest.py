@@ -50,10 +50,18 @@ class StudyRun:
         return getattr(self, key, default)
 
 
-def run_cli(args: list[str], cwd: Path, timeout: float = RUN_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
-    """`pfe-study ARGS` in a subprocess (its own local Ray), without the caller's cluster/tracking settings."""
+def run_cli(
+    args: list[str], cwd: Path, timeout: float = RUN_TIMEOUT_S, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """`pfe-study ARGS` in a subprocess (its own local Ray), without the caller's cluster/tracking
+    settings; ``env``: extra environment variables (e.g. PFE_SIMULATE_EPOCH_S)."""
     return subprocess.run(
-        [sys.executable, "-m", "pfe.cli", *args], cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "pfe.cli", *args],
+        cwd=cwd,
+        env={**_env(), **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 

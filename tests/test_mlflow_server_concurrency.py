@@ -8,11 +8,9 @@ Every metric point must be found over HTTP: exact counts per run, metric and ste
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
+from conftest import run_cli
 from mlflow import MlflowClient
 
 from pfe.study.mlflow_server import start_mlflow_server
@@ -63,17 +61,7 @@ def test_concurrent_trials_through_mlflow_server_lose_no_point(tmp_path: Path) -
         (tmp_path / "study.yaml").write_text(
             STUDY.format(stage1=STAGE1_EPOCHS, epochs=EPOCHS, trials=TRIALS, uri=server.url)
         )
-        env = dict(os.environ, PFE_SIMULATE_EPOCH_S="5.0")
-        for name in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "PFE_STORAGE"):
-            env.pop(name, None)
-        proc = subprocess.run(
-            [sys.executable, "-m", "pfe.cli", "run", "study.yaml", "--simulate"],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        proc = run_cli(["run", "study.yaml", "--simulate"], tmp_path, timeout=300, PFE_SIMULATE_EPOCH_S="5.0")
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert server.alive()
 

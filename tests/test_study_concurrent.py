@@ -8,11 +8,9 @@ process dies once at epoch 3 (PFE_SIMULATE_CRASH_ONCE): Tune retries it from its
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
+from conftest import run_cli
 from mlflow import MlflowClient
 
 EPOCHS = 6
@@ -41,16 +39,12 @@ FINAL_KEYS = ["rank1", "mAP", "mINP"]
 def test_eight_concurrent_trials_lose_no_metric_point(tmp_path: Path) -> None:
     (tmp_path / "study.yaml").write_text(STUDY)
     (tmp_path / "crash").mkdir()
-    env = dict(os.environ, PFE_SIMULATE_EPOCH_S="2.0", PFE_SIMULATE_CRASH_ONCE=str(tmp_path / "crash"))
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run(
-        [sys.executable, "-m", "pfe.cli", "run", "study.yaml", "--simulate"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
+    proc = run_cli(
+        ["run", "study.yaml", "--simulate"],
+        tmp_path,
         timeout=300,
+        PFE_SIMULATE_EPOCH_S="2.0",
+        PFE_SIMULATE_CRASH_ONCE=str(tmp_path / "crash"),
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
