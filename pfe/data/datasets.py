@@ -233,32 +233,27 @@ def _market_layout(name: str, base: Path, folder: Path, published_key: str | Non
 # ---- datasets -----------------------------------------------------------------------------------
 
 
-def _load_market(root: Path) -> ReIDDataset:
-    top = "Market-1501-v15.09.15"
-    candidates = [root, root / top, root / "market1501" / top, root / "market1501", root / "Market-1501"]
+def _load_bounding_box_set(name: str, root: Path, top: str, torchreid_dir: str, *aliases: str) -> ReIDDataset:
+    """A Market-style release (``top`` holding bounding_box_train/, query/, bounding_box_test/) as
+    fast-reid (<root>/<top>) or torchreid (<root>/<torchreid_dir>/<top>) lay it out, or <root> itself."""
+    candidates = [root, root / top, root / torchreid_dir / top, root / torchreid_dir, *(root / a for a in aliases)]
     folder, tried = _find(root, candidates, _has_dirs(*MARKET_DIRS))
     if folder is None:
         layout = (
             f"    <root>/{top}/{{bounding_box_train,query,bounding_box_test}}/*.jpg   (fast-reid)\n"
-            f"    <root>/market1501/{top}/...   (torchreid)\n"
+            f"    <root>/{torchreid_dir}/{top}/...   (torchreid)\n"
             "    or <root> = the folder holding bounding_box_train/, query/, bounding_box_test/"
         )
-        raise _layout_error("market1501", root, tried, layout)
-    return _market_layout("market1501", folder, folder, "market1501")
+        raise _layout_error(name, root, tried, layout)
+    return _market_layout(name, folder, folder, name)
+
+
+def _load_market(root: Path) -> ReIDDataset:
+    return _load_bounding_box_set("market1501", root, "Market-1501-v15.09.15", "market1501", "Market-1501")
 
 
 def _load_duke(root: Path) -> ReIDDataset:
-    top = "DukeMTMC-reID"
-    candidates = [root, root / top, root / "dukemtmc-reid" / top, root / "dukemtmc-reid", root / "dukemtmcreid" / top]
-    folder, tried = _find(root, candidates, _has_dirs(*MARKET_DIRS))
-    if folder is None:
-        layout = (
-            f"    <root>/{top}/{{bounding_box_train,query,bounding_box_test}}/*.jpg   (fast-reid)\n"
-            f"    <root>/dukemtmc-reid/{top}/...   (torchreid)\n"
-            "    or <root> = the folder holding bounding_box_train/, query/, bounding_box_test/"
-        )
-        raise _layout_error("dukemtmcreid", root, tried, layout)
-    return _market_layout("dukemtmcreid", folder, folder, "dukemtmcreid")
+    return _load_bounding_box_set("dukemtmcreid", root, "DukeMTMC-reID", "dukemtmc-reid", "dukemtmcreid/DukeMTMC-reID")
 
 
 def _load_cuhk03np(root: Path, split: str = "detected") -> ReIDDataset:
