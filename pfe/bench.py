@@ -330,8 +330,12 @@ def _write_report(out: Path, stem: str, report: dict[str, Any], markdown: str) -
 
 
 def cli_bench(args: argparse.Namespace) -> int:
-    """`pfe-study bench [all|eval|rerank|train] [--device D] [--out DIR] [--quick]`."""
+    """`pfe-study bench [all|eval|rerank|train|cost] [--device D] [--out DIR] [--quick]`."""
     what = getattr(args, "what", "all")
+    if what == "cost":  # CPU only, any machine: FLOPs, bytes and kernels of each training step
+        from pfe.bench_cost import cli_bench_cost
+
+        return cli_bench_cost(args)
     if what in ("train", "all"):  # first: on a time-limited GPU run the training numbers matter most
         from pfe.bench_train import cli_bench_train
 

@@ -97,7 +97,8 @@ QUICK = Sizes(height=64, width=32, ids_per_batch=4, images_per_id=2, backbone="r
 
 
 def bench_configs(sizes: Sizes, device: torch.device) -> dict[str, ExperimentConfig]:
-    """The configs measured: baseline, stage I (TSAM), stage II (MFA, cascade, RO) and MFA-dagger."""
+    """The configs measured: baseline, stage I (TSAM), stage II (MFA, cascade, RO), MFA-dagger, and stage II
+    with the frozen main branch run as checkpointed (no BN folding)."""
     overrides: dict[str, Any] = {
         "data.height": sizes.height,
         "data.width": sizes.width,
@@ -118,6 +119,7 @@ def bench_configs(sizes: Sizes, device: torch.device) -> dict[str, ExperimentCon
         "stage1": base,
         "stage2": base,
         "stage2_separable": base.with_overrides({"model.separable": True}),
+        "stage2_unfolded": base.with_overrides({"runtime.fold_frozen_bn": False}),
     }
 
 
@@ -185,35 +187,24 @@ def _timed_runs(step: Callable[[int], Any], sizes: Sizes, device: torch.device) 
     return runs
 
 
-def time_frozen_forward(cfg: ExperimentConfig, sizes: Sizes, device: torch.device) -> dict[str, Any]:
-    """images/s of stage II's frozen main branch alone (eval mode, no grad, autocast): the floor of a stage-II step."""
-    from pfe.engine.trainer import autocast_dtype, place_model, seed_everything
-    from pfe.model import build_model
+@dataclass
+class BenchStep:
+    """One measured step, ready to call: ``run(i)`` runs it on batch ``i % 4``."""
 
-    seed_everything(cfg.runtime.seed, cfg.runtime.deterministic)
-    _reset_peak(device)
-    model = place_model(build_model(cfg, sizes.num_classes), device)
-    model.set_stage(2)
-    model.train()  # stage 2: the main branch stays in eval mode
-    amp = autocast_dtype(cfg.runtime.precision, device)
-    batches = random_batches(sizes, device)
-
-    def forward(i: int) -> None:
-        with torch.no_grad(), torch.autocast(device.type, amp, enabled=amp is not None):
-            model.main_maps(batches[i % len(batches)][0])
-
-    runs = _timed_runs(forward, sizes, device)
-    seconds = statistics.median(runs)
-    return {
-        "img_s": sizes.batch * sizes.steps / seconds,
-        "step_ms": 1000 * seconds / sizes.steps,
-        "runs_s": [round(r, 4) for r in runs],
-        "peak_mem_gb": _peak_gb(device),
-    }
+    run: Callable[[int], None]
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer | None  # None: the frozen forward alone
+    params_trained: int
+    loss_finite: Callable[[], bool]
 
 
-def time_steps(cfg: ExperimentConfig, stage: int, sizes: Sizes, device: torch.device) -> dict[str, Any]:
-    """images/s of the trainer's step (``train_step`` + its loss bookkeeping) on batches already on the device."""
+def build_step(cfg: ExperimentConfig, stage: int, sizes: Sizes, device: torch.device, *,
+               amp_dtype: torch.dtype | None | str = "auto", fused_adam: bool | None = None,
+               frozen_forward_only: bool = False) -> BenchStep:
+    """The trainer's step (``train_step`` + the epoch loop's loss bookkeeping) on batches already on
+    the device; with ``frozen_forward_only``, stage II's frozen main branch alone (eval mode, no grad,
+    autocast: the floor of a stage-II step). ``amp_dtype="auto"`` and ``fused_adam=None``: the trainer's
+    choices for the device."""
     from pfe.engine.trainer import (
         autocast_dtype,
         build_optimizer,
@@ -225,33 +216,43 @@ def time_steps(cfg: ExperimentConfig, stage: int, sizes: Sizes, device: torch.de
     from pfe.model import build_model
 
     seed_everything(cfg.runtime.seed, cfg.runtime.deterministic)  # cudnn.benchmark as the trainer sets it
-    _reset_peak(device)
     model = place_model(build_model(cfg, sizes.num_classes), device)
     model.set_stage(stage)
-    params = list(model.main_branch_parameters() if stage == 1 else model.side_parameters())
-    recipe = cfg.stage1 if stage == 1 else cfg.stage2
-    optimizer = build_optimizer(params, recipe, device)
-    model.train()
-    loss_fn = stage_loss_fn(cfg, stage)
-    amp = autocast_dtype(cfg.runtime.precision, device)
+    model.train()  # in stage 2 the main branch stays in eval mode
+    amp = autocast_dtype(cfg.runtime.precision, device) if amp_dtype == "auto" else amp_dtype
     batches = random_batches(sizes, device)
-    sums: torch.Tensor | None = None
-    bad: torch.Tensor | None = None
+    if frozen_forward_only:
+        def forward(i: int) -> None:
+            with torch.autocast(device.type, amp, enabled=amp is not None):
+                model.frozen_main_maps(batches[i % len(batches)][0])
+
+        return BenchStep(forward, model, None, 0, lambda: True)
+
+    params = list(model.main_branch_parameters() if stage == 1 else model.side_parameters())
+    optimizer = build_optimizer(params, cfg.stage1 if stage == 1 else cfg.stage2, device, fused=fused_adam)
+    loss_fn = stage_loss_fn(cfg, stage)
+    tally: dict[str, torch.Tensor] = {}
 
     def step(i: int) -> None:
-        nonlocal sums, bad
         images, pids = batches[i % len(batches)]
         terms = train_step(model, optimizer, images, pids, stage=stage, loss_fn=loss_fn, device=device, amp_dtype=amp)
         values = torch.stack([t.detach().float() for t in terms.values()])  # the epoch loop's bookkeeping
-        if sums is None:
-            sums, bad = torch.zeros_like(values), torch.zeros_like(values, dtype=torch.bool)
-        sums += torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
-        bad |= ~torch.isfinite(values)
+        if not tally:
+            tally["sums"], tally["bad"] = torch.zeros_like(values), torch.zeros_like(values, dtype=torch.bool)
+        tally["sums"] += torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+        tally["bad"] |= ~torch.isfinite(values)
 
-    runs = _timed_runs(step, sizes, device)
+    return BenchStep(step, model, optimizer, sum(p.numel() for p in params),
+                     lambda: not bool(tally["bad"].any()) if tally else True)
+
+
+def time_steps(cfg: ExperimentConfig, stage: int, sizes: Sizes, device: torch.device,
+               frozen_forward_only: bool = False) -> dict[str, Any]:
+    """images/s of a :func:`build_step` step: warm-up, then timed runs synchronised only at their ends."""
+    _reset_peak(device)
+    step = build_step(cfg, stage, sizes, device, frozen_forward_only=frozen_forward_only)
+    runs = _timed_runs(step.run, sizes, device)
     steps_done = sizes.warmup + sizes.repeats * sizes.steps
-    syncs = count_host_syncs(lambda: step(steps_done), device)  # after warm-up: cudnn autotuning syncs once
-    assert bad is not None
     seconds = statistics.median(runs)
     result = {
         "img_s": sizes.batch * sizes.steps / seconds,
@@ -259,11 +260,15 @@ def time_steps(cfg: ExperimentConfig, stage: int, sizes: Sizes, device: torch.de
         "runs_s": [round(r, 4) for r in runs],
         "steps_per_run": sizes.steps,
         "warmup_steps": sizes.warmup,
-        "loss_finite": not bool(bad.any()),
-        "host_syncs": syncs,
-        "params_trained_m": round(sum(p.numel() for p in params) / 1e6, 3),
         "peak_mem_gb": _peak_gb(device),
     }
+    if not frozen_forward_only:
+        result.update({
+            "loss_finite": step.loss_finite(),
+            # after warm-up: cudnn autotuning syncs once
+            "host_syncs": count_host_syncs(lambda: step.run(steps_done), device),
+            "params_trained_m": round(step.params_trained / 1e6, 3),
+        })
     return result
 
 
@@ -423,6 +428,7 @@ def summarise(report: dict[str, Any]) -> None:
     report["stage1_img_s"] = get("stage1")
     report["stage2_img_s"] = get("stage2")
     report["stage2_separable_img_s"] = get("stage2_separable")
+    report["stage2_unfolded_img_s"] = get("stage2_unfolded")
     report["stage2_frozen_forward_img_s"] = get("stage2_frozen_forward")
     report["step_from_tensors_img_s"] = get("stage1")
     report["epoch_from_jpeg_img_s"] = get("epoch_device_cache")
@@ -528,7 +534,8 @@ def bench_train(device: str = "auto", quick: bool = False, out: str | Path | Non
         measure("stage1", lambda: time_steps(configs["stage1"], 1, sizes, dev))
         measure("stage2", lambda: time_steps(configs["stage2"], 2, sizes, dev))
         measure("stage2_separable", lambda: time_steps(configs["stage2_separable"], 2, sizes, dev))
-        measure("stage2_frozen_forward", lambda: time_frozen_forward(configs["stage2"], sizes, dev))
+        measure("stage2_unfolded", lambda: time_steps(configs["stage2_unfolded"], 2, sizes, dev))
+        measure("stage2_frozen_forward", lambda: time_steps(configs["stage2"], 2, sizes, dev, frozen_forward_only=True))
         if "synth" not in report["errors"]:
             data = {"data.dataset": "synthreid", "data.root": str(root), "data.workers": workers}
             measure("epoch_device_cache", lambda: time_epochs(
@@ -571,6 +578,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         (f"PFE stage I ({net} + TSAM), step on device tensors", "stage1"),
         ("PFE stage II (frozen main branch; MFA, cascade, RO), step on device tensors", "stage2"),
         ("PFE stage II with MFA-dagger (separable 3x3)", "stage2_separable"),
+        ("PFE stage II, frozen main branch as checkpointed (runtime.fold_frozen_bn=false)", "stage2_unfolded"),
         ("stage II's frozen main branch alone: forward, no grad (the floor of a stage-II step)", "stage2_frozen_forward"),
         ("stage I, whole epoch from JPEG, data.cache=device", "epoch_device_cache"),
         ("stage I, whole epoch from JPEG, data.cache=none (DataLoader workers)", "epoch_workers"),

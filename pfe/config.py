@@ -155,6 +155,9 @@ class RuntimeConfig(_Section):
     output_dir: str = "runs"
     progress: bool = True
     nan_check_every: int = Field(50, ge=1, description="look at the accumulated NaN/Inf flag every N steps")
+    fold_frozen_bn: bool = Field(
+        True, description="stage II trains on a copy of the frozen main branch with BN folded into the convs "
+        "(faster; results equal up to rounding)")
 
 
 # Keys that never change what a run computes (paths, hosts, devices, logging). They are not
@@ -168,6 +171,7 @@ ENVIRONMENT_KEYS = frozenset(
         "runtime.output_dir",
         "runtime.progress",
         "runtime.nan_check_every",
+        "runtime.fold_frozen_bn",
     }
 )
 

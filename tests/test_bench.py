@@ -54,3 +54,42 @@ def test_synth_set_generated_in_parts_loads_as_one_dataset(tmp_path: Path) -> No
     assert data.num_train_pids == 5 and len(data.train) == 20
     assert data.query and data.gallery
     assert not (tmp_path / "synthreid_parts").exists()
+
+
+def test_cost_extrapolation_reproduces_a_recorded_step() -> None:
+    """Three small recordings predict a fourth, larger one op by op (same kernels, FLOPs, bytes)."""
+    from pfe.bench_cost import COUNT_AT, H100, extrapolate, record_ops, summarise_ops
+    from pfe.bench_train import QUICK
+
+    (b0, h0, w0), (b1, _, _), (_, h1, w1) = COUNT_AT["quick"]
+    for name in ("stage2",):  # the step with the most kinds of ops (frozen copy, masks, upsampling, losses)
+        recorded = [record_ops(name, QUICK, b, h, w) for b, h, w in COUNT_AT["quick"]]
+        predicted = summarise_ops(extrapolate(*recorded, batches=(b0, b1), pixels=(h0 * w0, h1 * w1), batch=12,
+                                              target_pixels=96 * 48), H100)
+        direct = summarise_ops(record_ops(name, QUICK, 12, 96, 48), H100)
+        assert predicted["kernels"] == direct["kernels"], name
+        assert predicted["flops"] == pytest.approx(direct["flops"], rel=0.01), name
+        assert predicted["bytes"] == pytest.approx(direct["bytes"], rel=0.02), name
+
+
+def test_bench_cost_quick_separates_frozen_and_trained_work(tmp_path: Path) -> None:
+    from pfe.bench_cost import STEPS
+
+    assert main(["bench", "cost", "--quick", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "cost_quick.json").read_text())
+    steps = report["steps"]
+    assert set(steps) == set(STEPS)
+    for cost in steps.values():
+        assert cost["flops"] > 0 and cost["bytes"] > 0 and cost["kernels"] > 0
+    parts = {name: {(r["group"], r["pass"]) for r in cost["rows"]} for name, cost in steps.items()}
+    # baseline: the backbone trains; stage II: it only runs forward, the side branches train
+    assert ("backbone", "backward") in parts["baseline"] and ("side", "forward") not in parts["baseline"]
+    assert ("backbone", "forward") in parts["stage2"] and ("backbone", "backward") not in parts["stage2"]
+    assert ("side", "backward") in parts["stage2"] and ("optimizer", "update") in parts["stage2"]
+    # a backward pass costs about twice its forward: a baseline step is about 3x a forward pass
+    fwd = steps["stage2_frozen_forward"]["flops"]
+    assert 2.5 * fwd < steps["baseline"]["flops"] < 3.5 * fwd
+    # folding BN (and storing the frozen weights in bf16) moves fewer bytes than the checkpointed modules
+    assert steps["stage2"]["bytes"] < steps["stage2_unfolded"]["bytes"]
+    assert steps["stage2"]["kernels"] < steps["stage2_unfolded"]["kernels"]
+    assert "| stage2 |" in (tmp_path / "cost_quick.md").read_text()

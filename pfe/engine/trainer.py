@@ -113,10 +113,12 @@ def lr_factor(recipe: _Recipe) -> Callable[[int], float]:
     return factor
 
 
-def build_optimizer(params: list[nn.Parameter], recipe: _Recipe, device: torch.device) -> torch.optim.Optimizer:
-    return torch.optim.Adam(
-        params, lr=recipe.lr, weight_decay=recipe.weight_decay, fused=device.type == "cuda" or None
-    )
+def build_optimizer(
+    params: list[nn.Parameter], recipe: _Recipe, device: torch.device, fused: bool | None = None
+) -> torch.optim.Optimizer:
+    """Adam; fused (one multi-tensor kernel per step) on a GPU unless ``fused`` says otherwise."""
+    fused = device.type == "cuda" if fused is None else fused
+    return torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay, fused=fused or None)
 
 
 def extract_split_features(

@@ -10,7 +10,9 @@ bias-free linear classifier. The side heads depend on the stage-II loss (Sec. IV
 - ``uniform``: one FC([BN(F2), BN(F3), BN(F4), BN(F5)]) with gradient into every side feature.
 
 Stage 1 trains the main branch; stage 2 freezes it (requires_grad False, eval mode, run under
-torch.no_grad) and trains the side branches.
+torch.no_grad) and trains the side branches. Stage II's training forward runs the frozen main
+branch through an inference copy with BatchNorm folded into the convs (pfe.model.frozen) unless
+``fold_frozen_bn`` is off; evaluation always runs the modules as checkpointed.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch import Tensor, nn
 
 from pfe.model.attention import ATTENTIONS, build_attention
 from pfe.model.backbones import build_backbone
+from pfe.model.frozen import FrozenMainBranch, main_branch_maps
 from pfe.model.side import SIDE_LAYERS, SIDES, SideBranches
 
 SIDE_LOSSES = ("independent", "uniform", "cascade")
@@ -57,7 +60,8 @@ class PFENet(nn.Module):
     backbone, last_stride, pretrained: see pfe.model.backbones; attention (none | seb | fab | tsam)
     with reduction r; side (none | side | fa | mfa) with width C = ``channels`` of the T_s maps,
     ``side_dim`` of F2..F4, ``separable`` 3x3 in CONV (MFA-dagger) and mask share ``alpha``;
-    side_loss (independent | uniform | cascade) picks the side heads.
+    side_loss (independent | uniform | cascade) picks the side heads; ``fold_frozen_bn``: stage II
+    trains on the folded copy of the frozen main branch (same function up to rounding, faster).
     """
 
     def __init__(
@@ -74,6 +78,7 @@ class PFENet(nn.Module):
         alpha: float,
         side_loss: str,
         num_classes: int,
+        fold_frozen_bn: bool = True,
     ) -> None:
         super().__init__()
         if attention not in ATTENTIONS:
@@ -88,6 +93,8 @@ class PFENet(nn.Module):
         self.side_loss = side_loss
         self.num_classes = num_classes
         self.stage = 1
+        self.fold_frozen_bn = fold_frozen_bn
+        self._frozen_main = FrozenMainBranch()  # a plain attribute: not a submodule, never saved
 
         # ---- main branch: backbone with attention after each of layers 2..5, F5 head
         self.backbone = build_backbone(backbone, last_stride, pretrained)
@@ -162,12 +169,14 @@ class PFENet(nn.Module):
     # ---- forward -------------------------------------------------------------------------------
     def main_maps(self, images: Tensor) -> list[Tensor]:
         """Post-attention maps of layers 2..5 (the last one gives F5)."""
-        x = self.backbone.stem(images)
-        maps = []
-        for stage, attention in zip(self.backbone.stages, self.attention):
-            x = attention(stage(x))
-            maps.append(x)
-        return maps
+        return main_branch_maps(self.backbone, self.attention, images)
+
+    def frozen_main_maps(self, images: Tensor) -> list[Tensor]:
+        """Stage II's main-branch maps, without gradient; in training, from the folded copy (``fold_frozen_bn``)."""
+        with torch.no_grad():  # not inference_mode: the side branches backprop from these maps
+            if self.training and self.fold_frozen_bn:
+                return self._frozen_main(self.backbone, self.attention, images)
+            return self.main_maps(images)
 
     def features(self, images: Tensor, stage: int = 1) -> PFEOutput:
         """Features, BN features, maps and masks, without the classifier heads."""
@@ -175,8 +184,8 @@ class PFENet(nn.Module):
             raise RuntimeError(f"forward(stage={stage}) in training mode: call model.set_stage({stage}) first")
         out = PFEOutput()
         if stage == 2:
-            with torch.no_grad():  # frozen main branch; not inference_mode: the side branches backprop
-                maps = self.main_maps(images)
+            maps = self.frozen_main_maps(images)
+            with torch.no_grad():
                 f5 = maps[-1].mean(dim=(2, 3))
                 bn5 = self.neck(f5)
         else:

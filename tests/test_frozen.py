@@ -1,0 +1,96 @@
+"""Stage II's folded copy of the frozen main branch: same maps, rebuilt when the weights change, never saved."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_model import H, W, make
+
+from pfe.model import PFENet
+from pfe.model.frozen import fold_main_branch
+
+
+def _stage2_model(backbone: str = "resnet18", **kw) -> PFENet:
+    """A model whose BN statistics are not the init values (so folding has something to fold)."""
+    torch.manual_seed(0)
+    model = make(backbone=backbone, **kw)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model.main_maps(torch.randn(4, 3, H, W) * 2 + 0.5)
+    return model.set_stage(2).train()
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet50"])
+def test_folded_maps_equal_the_modules_maps_in_fp32(backbone: str) -> None:
+    model = _stage2_model(backbone)
+    images = torch.randn(2, 3, H, W)
+    folded = model.frozen_main_maps(images)
+    reference = model.main_maps(images)
+    assert [m.shape for m in folded] == [m.shape for m in reference]
+    for got, want in zip(folded, reference):
+        assert _rel(got, want) < 1e-5
+        assert not got.requires_grad
+
+
+def test_folding_removes_every_batchnorm_of_a_resnet() -> None:
+    model = _stage2_model()
+    folded = fold_main_branch(model.backbone, model.attention)
+    kinds = {type(m).__name__ for m in folded.modules()}
+    assert "BatchNorm2d" not in kinds
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) > 0  # the model keeps its own
+
+
+def test_the_copy_is_not_part_of_the_model() -> None:
+    model = _stage2_model()
+    keys, params = set(model.state_dict()), sum(p.numel() for p in model.parameters())
+    model(torch.randn(4, 3, H, W), stage=2)
+    assert model._frozen_main._folded is not None
+    assert set(model.state_dict()) == keys
+    assert sum(p.numel() for p in model.parameters()) == params
+
+
+def test_the_copy_follows_new_weights() -> None:
+    """load_state_dict or any in-place change of a weight or BN statistic rebuilds the copy."""
+    model = _stage2_model()
+    images = torch.randn(2, 3, H, W)
+    before = model.frozen_main_maps(images)[-1]
+    other = _stage2_model()
+    with torch.no_grad():
+        for p in other.backbone.stages[-1].parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.load_state_dict(other.state_dict())
+    after = model.frozen_main_maps(images)[-1]
+    assert _rel(after, before) > 1e-2
+    assert _rel(after, model.main_maps(images)[-1]) < 1e-5
+    with torch.no_grad():
+        model.backbone.stages[-1][-1].bn2.running_var.mul_(4)  # a buffer, changed in place
+    assert _rel(model.frozen_main_maps(images)[-1], model.main_maps(images)[-1]) < 1e-5
+
+
+def test_evaluation_and_the_switch_use_the_modules_themselves() -> None:
+    images = torch.randn(2, 3, H, W)
+    model = _stage2_model()
+    model.eval()
+    assert torch.equal(model.frozen_main_maps(images)[-1], model.main_maps(images)[-1])
+    assert model._frozen_main._folded is None
+    off = _stage2_model(fold_frozen_bn=False)
+    assert torch.equal(off.frozen_main_maps(images)[-1], off.main_maps(images)[-1])
+    assert off._frozen_main._folded is None
+
+
+def test_under_bf16_autocast_the_copy_holds_bf16_weights() -> None:
+    model = _stage2_model()
+    images = torch.randn(2, 3, H, W)
+    with torch.autocast("cpu", torch.bfloat16):
+        folded = model.frozen_main_maps(images)
+        reference = model.main_maps(images)
+    assert {p.dtype for p in model._frozen_main._folded.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.backbone.parameters()} == {torch.float32}
+    assert _rel(folded[-1], reference[-1]) < 3e-2
+    model.frozen_main_maps(images)  # autocast off again: an fp32 copy
+    assert {p.dtype for p in model._frozen_main._folded.parameters()} == {torch.float32}
