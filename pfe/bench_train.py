@@ -97,8 +97,9 @@ QUICK = Sizes(height=64, width=32, ids_per_batch=4, images_per_id=2, backbone="r
 
 
 def bench_configs(sizes: Sizes, device: torch.device) -> dict[str, ExperimentConfig]:
-    """The configs measured: baseline, stage I (TSAM), stage II (MFA, cascade, RO), MFA-dagger, and stage II
-    with the frozen main branch run as checkpointed (no BN folding)."""
+    """The configs measured: baseline, stage I (TSAM), stage II (MFA, cascade, RO), MFA-dagger, stage II
+    with the frozen main branch run as checkpointed (no BN folding), and stages I and II with
+    runtime.compile (torch.compile of the attention blocks, side branches and folded main branch)."""
     overrides: dict[str, Any] = {
         "data.height": sizes.height,
         "data.width": sizes.width,
@@ -120,6 +121,8 @@ def bench_configs(sizes: Sizes, device: torch.device) -> dict[str, ExperimentCon
         "stage2": base,
         "stage2_separable": base.with_overrides({"model.separable": True}),
         "stage2_unfolded": base.with_overrides({"runtime.fold_frozen_bn": False}),
+        "stage1_compiled": base.with_overrides({"runtime.compile": True}),
+        "stage2_compiled": base.with_overrides({"runtime.compile": True}),
     }
 
 
@@ -172,9 +175,15 @@ def random_batches(sizes: Sizes, device: torch.device, count: int = 4, seed: int
     return out
 
 
-def _timed_runs(step: Callable[[int], Any], sizes: Sizes, device: torch.device) -> list[float]:
-    """Warm-up calls, then ``repeats`` timed runs of ``steps`` calls, synchronised only around each run."""
-    for i in range(sizes.warmup):
+def _timed_runs(step: Callable[[int], Any], sizes: Sizes, device: torch.device) -> tuple[float, list[float]]:
+    """The first call's seconds (compilation, autotuning), more warm-up calls, then ``repeats`` timed runs
+    of ``steps`` calls, synchronised only around each run."""
+    _sync(device)
+    start = time.perf_counter()
+    step(0)
+    _sync(device)
+    first = time.perf_counter() - start
+    for i in range(1, sizes.warmup):
         step(i)
     runs = []
     for _ in range(sizes.repeats):
@@ -184,7 +193,7 @@ def _timed_runs(step: Callable[[int], Any], sizes: Sizes, device: torch.device) 
             step(i)
         _sync(device)
         runs.append(time.perf_counter() - start)
-    return runs
+    return first, runs
 
 
 @dataclass
@@ -216,7 +225,7 @@ def build_step(cfg: ExperimentConfig, stage: int, sizes: Sizes, device: torch.de
     from pfe.model import build_model
 
     seed_everything(cfg.runtime.seed, cfg.runtime.deterministic)  # cudnn.benchmark as the trainer sets it
-    model = place_model(build_model(cfg, sizes.num_classes), device)
+    model = place_model(build_model(cfg, sizes.num_classes), device, cfg.runtime.compile)
     model.set_stage(stage)
     model.train()  # in stage 2 the main branch stays in eval mode
     amp = autocast_dtype(cfg.runtime.precision, device) if amp_dtype == "auto" else amp_dtype
@@ -251,7 +260,7 @@ def time_steps(cfg: ExperimentConfig, stage: int, sizes: Sizes, device: torch.de
     """images/s of a :func:`build_step` step: warm-up, then timed runs synchronised only at their ends."""
     _reset_peak(device)
     step = build_step(cfg, stage, sizes, device, frozen_forward_only=frozen_forward_only)
-    runs = _timed_runs(step.run, sizes, device)
+    first_s, runs = _timed_runs(step.run, sizes, device)
     steps_done = sizes.warmup + sizes.repeats * sizes.steps
     seconds = statistics.median(runs)
     result = {
@@ -260,6 +269,7 @@ def time_steps(cfg: ExperimentConfig, stage: int, sizes: Sizes, device: torch.de
         "runs_s": [round(r, 4) for r in runs],
         "steps_per_run": sizes.steps,
         "warmup_steps": sizes.warmup,
+        "first_step_s": round(first_s, 3),
         "peak_mem_gb": _peak_gb(device),
     }
     if not frozen_forward_only:
@@ -429,6 +439,8 @@ def summarise(report: dict[str, Any]) -> None:
     report["stage2_img_s"] = get("stage2")
     report["stage2_separable_img_s"] = get("stage2_separable")
     report["stage2_unfolded_img_s"] = get("stage2_unfolded")
+    report["stage1_compiled_img_s"] = get("stage1_compiled")
+    report["stage2_compiled_img_s"] = get("stage2_compiled")
     report["stage2_frozen_forward_img_s"] = get("stage2_frozen_forward")
     report["step_from_tensors_img_s"] = get("stage1")
     report["epoch_from_jpeg_img_s"] = get("epoch_device_cache")
@@ -441,6 +453,8 @@ def summarise(report: dict[str, Any]) -> None:
     report["eval_peak_mem_gb"] = get("eval", "peak_mem_gb")
     report["stage1_vs_baseline"] = _ratio(report["stage1_img_s"], report["baseline_img_s"])
     report["stage2_vs_baseline"] = _ratio(report["stage2_img_s"], report["baseline_img_s"])
+    report["stage1_compiled_vs_baseline"] = _ratio(report["stage1_compiled_img_s"], report["baseline_img_s"])
+    report["stage2_compiled_vs_baseline"] = _ratio(report["stage2_compiled_img_s"], report["baseline_img_s"])
     report["epoch_from_jpeg_vs_step_from_tensors"] = _ratio(report["epoch_from_jpeg_img_s"], report["step_from_tensors_img_s"])
     report["epoch_workers_vs_step_from_tensors"] = _ratio(
         report["epoch_from_jpeg_workers_img_s"], report["step_from_tensors_img_s"]
@@ -544,6 +558,9 @@ def bench_train(device: str = "auto", quick: bool = False, out: str | Path | Non
                 configs["stage1"].with_overrides({**data, "data.cache": "none"}), sizes, dev))
     eval_size = sizes.eval_size if dev.type == "cuda" or quick else "market1501"
     measure("eval", lambda: time_eval(eval_size, dev, 1 if quick else 3))
+    if dev.type == "cuda":  # last: torch.compile takes a minute or more per variant before its first step
+        measure("stage1_compiled", lambda: time_steps(configs["stage1_compiled"], 1, sizes, dev))
+        measure("stage2_compiled", lambda: time_steps(configs["stage2_compiled"], 2, sizes, dev))
     save()
     return report
 
@@ -579,6 +596,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         ("PFE stage II (frozen main branch; MFA, cascade, RO), step on device tensors", "stage2"),
         ("PFE stage II with MFA-dagger (separable 3x3)", "stage2_separable"),
         ("PFE stage II, frozen main branch as checkpointed (runtime.fold_frozen_bn=false)", "stage2_unfolded"),
+        ("PFE stage I with runtime.compile=true", "stage1_compiled"),
+        ("PFE stage II with runtime.compile=true", "stage2_compiled"),
         ("stage II's frozen main branch alone: forward, no grad (the floor of a stage-II step)", "stage2_frozen_forward"),
         ("stage I, whole epoch from JPEG, data.cache=device", "epoch_device_cache"),
         ("stage I, whole epoch from JPEG, data.cache=none (DataLoader workers)", "epoch_workers"),
@@ -592,8 +611,12 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {label} | {_fmt(r['img_s'])} | {_fmt(ms, 2)} | {_fmt(_ratio(r['img_s'], base), 2)} | "
                      f"{_fmt(r.get('peak_mem_gb'), 2)} |")
     lines += ["", "Ratios: " + ", ".join(f"{k.replace('_', ' ')} {_fmt(report.get(k), 3)}" for k in (
-        "stage1_vs_baseline", "stage2_vs_baseline", "epoch_from_jpeg_vs_step_from_tensors",
-        "epoch_workers_vs_step_from_tensors"))]
+        "stage1_vs_baseline", "stage2_vs_baseline", "stage1_compiled_vs_baseline", "stage2_compiled_vs_baseline",
+        "epoch_from_jpeg_vs_step_from_tensors", "epoch_workers_vs_step_from_tensors"))]
+    firsts = {k: v["first_step_s"] for k, v in m.items() if "first_step_s" in v}
+    if firsts:
+        lines += ["", "First step (cuDNN autotuning; compilation where compiled), seconds: "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in firsts.items()) + "."]
     syncs = {k: v["host_syncs"] for k, v in m.items() if v.get("host_syncs")}
     if syncs:
         lines += ["", "Host syncs after warm-up (torch.cuda.set_sync_debug_mode): " + ", ".join(

@@ -155,6 +155,9 @@ class RuntimeConfig(_Section):
     output_dir: str = "runs"
     progress: bool = True
     nan_check_every: int = Field(50, ge=1, description="look at the accumulated NaN/Inf flag every N steps")
+    compile: bool = Field(
+        False, description="torch.compile the attention blocks, the side branches and stage II's folded main "
+        "branch (fewer memory passes; the first steps of each stage take longer; results equal up to rounding)")
     fold_frozen_bn: bool = Field(
         True, description="stage II trains on a copy of the frozen main branch with BN folded into the convs "
         "(faster; results equal up to rounding)")
@@ -172,6 +175,7 @@ ENVIRONMENT_KEYS = frozenset(
         "runtime.progress",
         "runtime.nan_check_every",
         "runtime.fold_frozen_bn",
+        "runtime.compile",
     }
 )
 

@@ -57,6 +57,7 @@ class FrozenMainBranch:
     def __init__(self) -> None:
         self._key: tuple | None = None
         self._folded: nn.Module | None = None
+        self.compile_options: dict | None = None  # set by PFENet.compile_blocks: torch.compile the copy
 
     @staticmethod
     def _key_of(backbone: nn.Module, attention: nn.ModuleList, images: Tensor) -> tuple:
@@ -73,6 +74,8 @@ class FrozenMainBranch:
             self._folded = fold_main_branch(backbone, attention, dtype=key[2])
             if images.device.type == "cuda":
                 self._folded = self._folded.to(memory_format=torch.channels_last)
+            if self.compile_options is not None:
+                self._folded = torch.compile(self._folded, **self.compile_options)
             self._key = key
         assert self._folded is not None
         with torch.no_grad():

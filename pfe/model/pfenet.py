@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -167,6 +168,18 @@ class PFENet(nn.Module):
         return self
 
     # ---- forward -------------------------------------------------------------------------------
+    def compile_blocks(self, **options: Any) -> PFENet:
+        """``torch.compile`` in place (state-dict keys unchanged) the parts made of many small, memory-bound
+        ops that fusion helps most: the attention blocks, the side branches and, once built, stage II's
+        folded main branch. The convolutions of the backbone stay cuDNN's either way."""
+        for block in self.attention:
+            if not isinstance(block, nn.Identity):
+                block.compile(**options)
+        if self.side is not None:
+            self.side.compile(**options)
+        self._frozen_main.compile_options = options
+        return self
+
     def main_maps(self, images: Tensor) -> list[Tensor]:
         """Post-attention maps of layers 2..5 (the last one gives F5)."""
         return main_branch_maps(self.backbone, self.attention, images)
