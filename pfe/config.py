@@ -156,11 +156,12 @@ class RuntimeConfig(_Section):
     progress: bool = True
     nan_check_every: int = Field(50, ge=1, description="look at the accumulated NaN/Inf flag every N steps")
     compile: bool = Field(
-        False, description="torch.compile the attention blocks, the side branches and stage II's folded main "
+        False, description="torch.compile the main branch, the side branches and stage II's folded main "
         "branch (fewer memory passes; the first steps of each stage take longer; results equal up to rounding)")
-    fold_frozen_bn: bool = Field(
-        True, description="stage II trains on a copy of the frozen main branch with BN folded into the convs "
-        "(faster; results equal up to rounding)")
+    frozen_main: Literal["modules", "folded", "fused"] = Field(
+        "folded", description="how stage II runs the frozen main branch in training: the checkpointed modules, "
+        "a copy with BN folded into the convs, or that copy with cuDNN conv+ReLU kernels (pfe.model.frozen; "
+        "results equal up to rounding)")
 
 
 # Keys that never change what a run computes (paths, hosts, devices, logging). They are not
@@ -174,7 +175,7 @@ ENVIRONMENT_KEYS = frozenset(
         "runtime.output_dir",
         "runtime.progress",
         "runtime.nan_check_every",
-        "runtime.fold_frozen_bn",
+        "runtime.frozen_main",
         "runtime.compile",
     }
 )

@@ -78,9 +78,9 @@ def test_evaluation_and_the_switch_use_the_modules_themselves() -> None:
     model.eval()
     assert torch.equal(model.frozen_main_maps(images)[-1], model.main_maps(images)[-1])
     assert model._frozen_main._folded is None
-    off = _stage2_model(fold_frozen_bn=False)
+    off = _stage2_model(frozen_main="modules")
     assert torch.equal(off.frozen_main_maps(images)[-1], off.main_maps(images)[-1])
-    assert off._frozen_main._folded is None
+    assert off._frozen_main is None
 
 
 def test_under_bf16_autocast_the_copy_holds_bf16_weights() -> None:
@@ -122,3 +122,34 @@ def test_compiled_blocks_give_the_eager_step() -> None:
         assert len(grads_c) == len(grads_e) > 0
         assert max(_rel(c, e) for c, e in zip(grads_c, grads_e)) < 1e-3
     assert isinstance(compiled._frozen_main._folded, torch._dynamo.eval_frame.OptimizedModule)
+
+
+@pytest.mark.parametrize("backbone, blocks", [("resnet18", 8), ("resnet50", 16)])
+def test_fused_copy_merges_conv_relu_and_residual_ends(backbone: str, blocks: int) -> None:
+    """frozen_main=fused: every residual block ends in one conv+add+ReLU module; the maps stay the same."""
+    from pfe.model.frozen import ConvAddReLU, ConvReLU
+
+    model = _stage2_model(backbone)
+    fused = fold_main_branch(model.backbone, model.attention, fuse_relu=True)
+    folded = fold_main_branch(model.backbone, model.attention)
+    kinds = [type(m) for m in fused.modules()]
+    assert kinds.count(ConvAddReLU) == blocks
+    assert kinds.count(ConvReLU) >= blocks  # the stem, each block's inner convs, the attention convs
+    relus_left = [n for n in fused.graph.nodes if n.op == "call_module" and isinstance(fused.get_submodule(n.target), torch.nn.ReLU)]
+    assert relus_left == []
+    images = torch.randn(2, 3, H, W)
+    for got, want in zip(fused(images), folded(images)):
+        assert _rel(got, want) < 1e-6
+
+
+def test_fused_mode_on_a_cpu_runs_the_folded_copy() -> None:
+    import warnings
+
+    images = torch.randn(2, 3, H, W)
+    fused, folded = _stage2_model(frozen_main="fused"), _stage2_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning: on a CPU there is nothing to check
+        got = fused.frozen_main_maps(images)
+    assert torch.equal(got[-1], folded.frozen_main_maps(images)[-1])
+    with pytest.raises(ValueError, match="runtime.frozen_main"):
+        _stage2_model(frozen_main="bogus")

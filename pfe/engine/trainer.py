@@ -151,7 +151,7 @@ def extract_split_features(
 
 def place_model(model: PFENet, device: torch.device, compile: bool = False) -> PFENet:
     """The model on ``device``; channels_last on a GPU (faster convolutions with bf16); with ``compile``,
-    its attention blocks, side branches and stage II's folded main branch through torch.compile."""
+    its main branch, side branches and stage II's folded main branch through torch.compile."""
     model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)

@@ -25,7 +25,7 @@ def build_model(cfg: ExperimentConfig, num_classes: int, *, pretrained: str | No
         alpha=m.alpha,
         side_loss=cfg.stage2.loss,
         num_classes=num_classes,
-        fold_frozen_bn=cfg.runtime.fold_frozen_bn,
+        frozen_main=cfg.runtime.frozen_main,
     )
 
 

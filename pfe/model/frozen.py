@@ -1,25 +1,37 @@
 """The main branch as stage II runs it: frozen, so an inference copy can stand in for it.
 
 In stage II the main branch is a fixed function (eval-mode BatchNorm, no gradient). Its training
-forward (the floor of a stage-II step) can then skip two kinds of work that the checkpointed modules
-would do on every step:
+forward (the floor of a stage-II step) can then skip work that the checkpointed modules would do on
+every step. ``runtime.frozen_main`` picks how much:
 
-- every BatchNorm that follows a convolution is folded into it (``torch.fx.experimental.optimization.fuse``:
-  w' = w * gamma / sqrt(var + eps), b' = (b - mean) * gamma / sqrt(var + eps) + beta), one pass
-  over each activation fewer;
-- the weights are stored in the autocast dtype, so autocast does not cast them again on every step.
+- ``modules``: run the checkpointed modules as they are;
+- ``folded`` (default): an inference copy with every BatchNorm that follows a convolution folded into
+  it (``torch.fx.experimental.optimization.fuse``: w' = w * gamma / sqrt(var + eps),
+  b' = (b - mean) * gamma / sqrt(var + eps) + beta) and the weights stored in the autocast dtype, so
+  autocast does not cast them on every step: one pass over each activation and ~70 kernels fewer;
+- ``fused``: the folded copy with conv -> ReLU and conv -> (+ shortcut) -> ReLU as single cuDNN
+  kernels (``torch.cudnn_convolution_relu`` / ``cudnn_convolution_add_relu``) on a GPU, two more passes
+  fewer per residual block. On its first GPU batch it is checked against the folded copy; if cuDNN has
+  no such kernel for this dtype or the maps differ, it warns and stays ``folded``. On a CPU it computes
+  exactly what ``folded`` does.
 
-:class:`FrozenMainBranch` keeps that copy and rebuilds it whenever what it was made from changes:
-the device, the dtype, the autocast dtype, or any weight or BN statistic (through the tensors'
-in-place version counters, which ``load_state_dict`` and every in-place update bump).
-The copy lives outside the module tree: it is never saved, moved or counted with the model.
+:class:`FrozenMainBranch` keeps the copy and rebuilds it whenever what it was made from changes: the
+device, the dtype, the autocast dtype, or any weight or BN statistic (through the tensors' in-place
+version counters, which ``load_state_dict`` and every in-place update bump). The copy lives outside
+the module tree: it is never saved, moved or counted with the model.
 """
 
 from __future__ import annotations
 
+import operator
+import warnings
+
 import torch
-from torch import Tensor, nn
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
 from torch.fx.experimental.optimization import fuse
+
+FROZEN_MAIN = ("modules", "folded", "fused")
 
 
 def main_branch_maps(backbone: nn.Module, attention: nn.ModuleList, images: Tensor) -> list[Tensor]:
@@ -41,20 +53,98 @@ class _MainBranch(nn.Module):
         return main_branch_maps(self.backbone, self.attention, images)
 
 
-def fold_main_branch(backbone: nn.Module, attention: nn.ModuleList, dtype: torch.dtype | None = None) -> nn.Module:
+class ConvReLU(nn.Module):
+    """ReLU(conv(x)) of a BN-folded conv: one cuDNN kernel on a GPU."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: Tensor) -> Tensor:
+        c = self.conv
+        if x.is_cuda:
+            return torch.cudnn_convolution_relu(x, c.weight, c.bias, c.stride, c.padding, c.dilation, c.groups)
+        return F.relu(c(x))
+
+
+class ConvAddReLU(nn.Module):
+    """ReLU(conv(x) + shortcut), the end of a residual block: one cuDNN kernel on a GPU."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: Tensor, shortcut: Tensor) -> Tensor:
+        c = self.conv
+        if x.is_cuda:
+            return torch.cudnn_convolution_add_relu(
+                x, c.weight, shortcut, 1.0, c.bias, c.stride, c.padding, c.dilation, c.groups)
+        return F.relu(c(x) + shortcut)
+
+
+def fuse_conv_relu(graph: fx.GraphModule) -> fx.GraphModule:
+    """Replace conv -> ReLU and conv -> add -> ReLU (the conv's output used nowhere else) in place."""
+    modules = dict(graph.named_modules())
+
+    def single_use_conv(node: object) -> fx.Node | None:
+        if (isinstance(node, fx.Node) and node.op == "call_module" and type(modules[node.target]) is nn.Conv2d
+                and modules[node.target].padding_mode == "zeros" and len(node.users) == 1):
+            return node
+        return None
+
+    for node in list(graph.graph.nodes):
+        if node.op != "call_module" or not isinstance(modules[node.target], nn.ReLU):
+            continue
+        source = node.args[0]
+        conv, extra, kind = single_use_conv(source), (), ConvReLU
+        if conv is None and isinstance(source, fx.Node) and source.op == "call_function" and source.target in (
+                operator.add, operator.iadd, torch.add) and len(source.users) == 1 and len(source.args) == 2:
+            a, b = source.args
+            conv, extra = (single_use_conv(a), (b,)) if single_use_conv(a) else (single_use_conv(b), (a,))
+            kind = ConvAddReLU
+        if conv is None:
+            continue
+        name = f"{conv.target}_relu".replace(".", "_")
+        graph.add_submodule(name, kind(modules[conv.target]))
+        with graph.graph.inserting_before(node):
+            fused = graph.graph.call_module(name, (conv.args[0], *extra))
+        node.replace_all_uses_with(fused)
+        graph.graph.erase_node(node)
+        if source is not conv:
+            graph.graph.erase_node(source)
+        graph.graph.erase_node(conv)
+    graph.graph.lint()
+    graph.delete_all_unused_submodules()
+    graph.recompile()
+    return graph
+
+
+def fold_main_branch(backbone: nn.Module, attention: nn.ModuleList, dtype: torch.dtype | None = None,
+                     fuse_relu: bool = False) -> nn.Module:
     """An inference copy of the main branch with each conv's BatchNorm folded in, in ``dtype``
-    (default: the weights' own). The originals must be in eval mode; they are not changed."""
+    (default: the weights' own); with ``fuse_relu``, conv-ReLU and conv-add-ReLU as single modules.
+    The originals must be in eval mode; they are not changed."""
     if backbone.training or attention.training:
         raise RuntimeError("fold_main_branch: the main branch must be in eval mode (its BN statistics frozen)")
     folded = fuse(_MainBranch(backbone, attention))  # a deep copy: the model's own modules stay as they are
+    if fuse_relu:
+        folded = fuse_conv_relu(folded)
     folded.requires_grad_(False).eval()
     return folded.to(dtype=dtype) if dtype is not None else folded
 
 
-class FrozenMainBranch:
-    """The folded copy of a model's main branch, rebuilt when its weights, device or dtypes change."""
+def _rel_diff(a: list[Tensor], b: list[Tensor]) -> float:
+    return max(((x.float() - y.float()).norm() / y.float().norm().clamp_min(1e-12)).item() for x, y in zip(a, b))
 
-    def __init__(self) -> None:
+
+class FrozenMainBranch:
+    """The inference copy of a model's main branch (``folded`` or ``fused``), rebuilt when its weights,
+    device or dtypes change."""
+
+    def __init__(self, mode: str = "folded") -> None:
+        if mode not in ("folded", "fused"):
+            raise ValueError(f"runtime.frozen_main: a copy is folded or fused, got {mode!r}")
+        self.mode = mode
         self._key: tuple | None = None
         self._folded: nn.Module | None = None
         self.compile_options: dict | None = None  # set by PFENet.compile_blocks: torch.compile the copy
@@ -67,13 +157,33 @@ class FrozenMainBranch:
         first = tensors[0]
         return (first.device, first.dtype, autocast, tuple(t._version for t in tensors))
 
+    def _build(self, backbone: nn.Module, attention: nn.ModuleList, images: Tensor, dtype: torch.dtype | None) -> nn.Module:
+        on_gpu = images.device.type == "cuda"
+
+        def make(fuse_relu: bool) -> nn.Module:
+            copy = fold_main_branch(backbone, attention, dtype=dtype, fuse_relu=fuse_relu)
+            return copy.to(memory_format=torch.channels_last) if on_gpu else copy
+
+        folded = make(False)
+        if self.mode == "fused" and on_gpu:  # check cuDNN's fused kernels once against the folded copy
+            fused = make(True)
+            try:
+                with torch.no_grad():
+                    diff = _rel_diff(fused(images), folded(images))
+                problem = None if diff < 0.05 else f"its maps differ from the folded copy's by {diff:.3g}"
+            except RuntimeError as err:
+                problem = f"cuDNN refused it ({str(err).splitlines()[0]})"
+            if problem is None:
+                return fused
+            warnings.warn(f"runtime.frozen_main=fused: {problem}; stage II runs the folded copy instead",
+                          RuntimeWarning, stacklevel=3)
+        return folded
+
     def __call__(self, backbone: nn.Module, attention: nn.ModuleList, images: Tensor) -> list[Tensor]:
         key = self._key_of(backbone, attention, images)
         if key != self._key:
             self._folded = None  # free the old copy before making the new one
-            self._folded = fold_main_branch(backbone, attention, dtype=key[2])
-            if images.device.type == "cuda":
-                self._folded = self._folded.to(memory_format=torch.channels_last)
+            self._folded = self._build(backbone, attention, images, dtype=key[2])
             if self.compile_options is not None:
                 self._folded = torch.compile(self._folded, **self.compile_options)
             self._key = key

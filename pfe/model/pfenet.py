@@ -12,7 +12,7 @@ bias-free linear classifier. The side heads depend on the stage-II loss (Sec. IV
 Stage 1 trains the main branch; stage 2 freezes it (requires_grad False, eval mode, run under
 torch.no_grad) and trains the side branches. Stage II's training forward runs the frozen main
 branch through an inference copy with BatchNorm folded into the convs (pfe.model.frozen) unless
-``fold_frozen_bn`` is off; evaluation always runs the modules as checkpointed.
+``frozen_main`` is ``modules``; evaluation always runs the modules as checkpointed.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from pfe.model.attention import ATTENTIONS, build_attention
 from pfe.model.backbones import build_backbone
-from pfe.model.frozen import FrozenMainBranch, main_branch_maps
+from pfe.model.frozen import FROZEN_MAIN, FrozenMainBranch, main_branch_maps
 from pfe.model.side import SIDE_LAYERS, SIDES, SideBranches
 
 SIDE_LOSSES = ("independent", "uniform", "cascade")
@@ -61,8 +61,9 @@ class PFENet(nn.Module):
     backbone, last_stride, pretrained: see pfe.model.backbones; attention (none | seb | fab | tsam)
     with reduction r; side (none | side | fa | mfa) with width C = ``channels`` of the T_s maps,
     ``side_dim`` of F2..F4, ``separable`` 3x3 in CONV (MFA-dagger) and mask share ``alpha``;
-    side_loss (independent | uniform | cascade) picks the side heads; ``fold_frozen_bn``: stage II
-    trains on the folded copy of the frozen main branch (same function up to rounding, faster).
+    side_loss (independent | uniform | cascade) picks the side heads; ``frozen_main`` (modules | folded
+    | fused): how stage II runs the frozen main branch in training (pfe.model.frozen; the same function
+    up to rounding).
     """
 
     def __init__(
@@ -79,7 +80,7 @@ class PFENet(nn.Module):
         alpha: float,
         side_loss: str,
         num_classes: int,
-        fold_frozen_bn: bool = True,
+        frozen_main: str = "folded",
     ) -> None:
         super().__init__()
         if attention not in ATTENTIONS:
@@ -94,8 +95,12 @@ class PFENet(nn.Module):
         self.side_loss = side_loss
         self.num_classes = num_classes
         self.stage = 1
-        self.fold_frozen_bn = fold_frozen_bn
-        self._frozen_main = FrozenMainBranch()  # a plain attribute: not a submodule, never saved
+        if frozen_main not in FROZEN_MAIN:
+            raise ValueError(f"runtime.frozen_main: unknown {frozen_main!r}; choose one of {', '.join(FROZEN_MAIN)}")
+        self.frozen_main = frozen_main
+        # a plain attribute, not a submodule: never saved, moved or counted
+        self._frozen_main = FrozenMainBranch(frozen_main) if frozen_main != "modules" else None
+        self._main_branch_maps = main_branch_maps  # compile_blocks swaps in a compiled version
 
         # ---- main branch: backbone with attention after each of layers 2..5, F5 head
         self.backbone = build_backbone(backbone, last_stride, pretrained)
@@ -169,25 +174,26 @@ class PFENet(nn.Module):
 
     # ---- forward -------------------------------------------------------------------------------
     def compile_blocks(self, **options: Any) -> PFENet:
-        """``torch.compile`` in place (state-dict keys unchanged) the parts made of many small, memory-bound
-        ops that fusion helps most: the attention blocks, the side branches and, once built, stage II's
-        folded main branch. The convolutions of the backbone stay cuDNN's either way."""
-        for block in self.attention:
-            if not isinstance(block, nn.Identity):
-                block.compile(**options)
+        """``torch.compile`` the main branch (backbone with attention), the side branches and, once built,
+        stage II's folded main branch; state-dict keys stay as they are. Inductor fuses their
+        memory-bound work (BN, ReLU, residual adds, attention gates, masks); the convolutions stay cuDNN's.
+        The main branch is compiled as one function, not block by block: the four attention blocks
+        share one code object, and per-block graphs would exceed dynamo's recompile limit."""
+        self._main_branch_maps = torch.compile(main_branch_maps, **options)
         if self.side is not None:
             self.side.compile(**options)
-        self._frozen_main.compile_options = options
+        if self._frozen_main is not None:
+            self._frozen_main.compile_options = options
         return self
 
     def main_maps(self, images: Tensor) -> list[Tensor]:
         """Post-attention maps of layers 2..5 (the last one gives F5)."""
-        return main_branch_maps(self.backbone, self.attention, images)
+        return self._main_branch_maps(self.backbone, self.attention, images)
 
     def frozen_main_maps(self, images: Tensor) -> list[Tensor]:
-        """Stage II's main-branch maps, without gradient; in training, from the folded copy (``fold_frozen_bn``)."""
+        """Stage II's main-branch maps, without gradient; in training, from the inference copy (``frozen_main``)."""
         with torch.no_grad():  # not inference_mode: the side branches backprop from these maps
-            if self.training and self.fold_frozen_bn:
+            if self.training and self._frozen_main is not None:
                 return self._frozen_main(self.backbone, self.attention, images)
             return self.main_maps(images)
 
