@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 9's GPU benchmark, one shot, on the device machine (about 3-5 minutes on an H100; capped
+# Issue 9's GPU benchmark, one shot, on the device machine (about 5-7 minutes on an H100; capped
 # at PFE_BENCH_TIMEOUT seconds, 450 by default, so the whole call stays under 8 minutes).
 #
 # 1. Here, once per session (pip access needed):   bash reports/bench/fetch_wheels.sh
@@ -9,9 +9,11 @@
 #    reports/bench/ and commit them with the figures in the issue note.
 #
 # What runs: `python3 -m pfe.cli bench --device cuda --out $OUT/bench`, i.e. `bench train` first
-# (baseline, stage I, stage II, MFA-dagger steps on device tensors; two stage-I epochs of a
-# generated SynthReID JPEG set through data.cache=device and through DataLoader workers; the
-# MSMT17-size evaluation; host-sync counts; peak memory), then `bench eval` and `bench rerank`.
+# (baseline, stage I, stage II, MFA-dagger, stage II with runtime.frozen_main=modules and =fused,
+# steps on device tensors; two stage-I epochs of a generated SynthReID JPEG set through
+# data.cache=device and through DataLoader workers; the MSMT17-size evaluation; host-sync counts;
+# peak memory; last, stages I and II with runtime.compile, a minute or more of compilation each),
+# then `bench eval` and `bench rerank`. Predictions to compare with: reports/bench/NOTES.md.
 # bench_cuda.json is rewritten after every measurement, so a run cut short keeps what it measured.
 # The project runs from the source tree (PYTHONPATH=.); pydantic and its deps come from .whl/.
 set -uo pipefail
