@@ -120,7 +120,8 @@ def test_compiled_blocks_give_the_eager_step() -> None:
         loss_c, grads_c = grads(compiled, stage)
         assert loss_c == pytest.approx(loss_e, rel=1e-4)
         assert len(grads_c) == len(grads_e) > 0
-        assert max(_rel(c, e) for c, e in zip(grads_c, grads_e)) < 1e-3
+        # all gradients as one vector: a tensor whose gradient is nearly 0 has no meaningful relative error
+        assert _rel(torch.cat([g.flatten() for g in grads_c]), torch.cat([g.flatten() for g in grads_e])) < 1e-3
     assert isinstance(compiled._frozen_main._folded, torch._dynamo.eval_frame.OptimizedModule)
 
 
