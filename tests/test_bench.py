@@ -93,3 +93,37 @@ def test_bench_cost_quick_separates_frozen_and_trained_work(tmp_path: Path) -> N
     assert steps["stage2"]["bytes"] < steps["stage2_unfolded"]["bytes"]
     assert steps["stage2"]["kernels"] < steps["stage2_unfolded"]["kernels"]
     assert "| stage2 |" in (tmp_path / "cost_quick.md").read_text()
+
+
+# aten ops that make the host wait for the device (a value or a data-dependent shape comes back)
+SYNCING_OPS = {"aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten._unique2",
+               "aten.unique_consecutive", "aten.is_nonzero", "aten.equal"}
+
+
+@pytest.mark.parametrize("name, stage", [("baseline", 1), ("stage1", 1), ("stage2", 2), ("stage2_separable", 2)])
+def test_training_steps_ask_the_device_for_nothing(name: str, stage: int) -> None:
+    """The GPU configuration of each step (fused Adam, bf16 autocast, the epoch loop's loss bookkeeping)
+    runs no op that would sync the host with a GPU: checked op by op on the CPU."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from pfe.bench_train import QUICK, bench_configs, build_step
+
+    class Syncs(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            if str(func._overloadpacket) in SYNCING_OPS:
+                self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    device = torch.device("cpu")
+    step = build_step(bench_configs(QUICK, device)[name], stage, QUICK, device, amp_dtype=torch.bfloat16, fused_adam=True)
+    step.run(0)  # lazy state first (optimiser moments, the folded copy)
+    with Syncs() as syncs:
+        step.run(1)
+        step.run(2)
+    assert syncs.seen == []
+    assert step.loss_finite()  # looked at after the steps, as the epoch loop does
