@@ -217,6 +217,7 @@ def build_step(cfg: ExperimentConfig, stage: int, sizes: Sizes, device: torch.de
     autocast: the floor of a stage-II step). ``amp_dtype="auto"`` and ``fused_adam=None``: the trainer's
     choices for the device."""
     from pfe.engine.trainer import (
+        LossTally,
         autocast_dtype,
         build_optimizer,
         place_model,
@@ -242,19 +243,13 @@ def build_step(cfg: ExperimentConfig, stage: int, sizes: Sizes, device: torch.de
     params = list(model.main_branch_parameters() if stage == 1 else model.side_parameters())
     optimizer = build_optimizer(params, cfg.stage1 if stage == 1 else cfg.stage2, device, fused=fused_adam)
     loss_fn = stage_loss_fn(cfg, stage)
-    tally: dict[str, torch.Tensor] = {}
+    tally = LossTally()  # the epoch loop's bookkeeping
 
     def step(i: int) -> None:
         images, pids = batches[i % len(batches)]
-        terms = train_step(model, optimizer, images, pids, stage=stage, loss_fn=loss_fn, device=device, amp_dtype=amp)
-        values = torch.stack([t.detach().float() for t in terms.values()])  # the epoch loop's bookkeeping
-        if not tally:
-            tally["sums"], tally["bad"] = torch.zeros_like(values), torch.zeros_like(values, dtype=torch.bool)
-        tally["sums"] += torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
-        tally["bad"] |= ~torch.isfinite(values)
+        tally.add(train_step(model, optimizer, images, pids, stage=stage, loss_fn=loss_fn, device=device, amp_dtype=amp))
 
-    return BenchStep(step, model, optimizer, sum(p.numel() for p in params),
-                     lambda: not bool(tally["bad"].any()) if tally else True)
+    return BenchStep(step, model, optimizer, sum(p.numel() for p in params), lambda: not tally.non_finite())
 
 
 def time_steps(cfg: ExperimentConfig, stage: int, sizes: Sizes, device: torch.device,

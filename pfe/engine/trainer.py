@@ -202,6 +202,36 @@ def train_step(
     return terms
 
 
+class LossTally:
+    """An epoch's sums of the loss terms and which became NaN/Inf, kept on the device: adding a step's
+    terms never waits for the device; ``means`` and ``non_finite`` do."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self.steps = 0
+        self._sums: torch.Tensor | None = None
+        self._bad: torch.Tensor | None = None
+
+    def add(self, terms: dict[str, torch.Tensor]) -> None:
+        values = torch.stack([t.detach().float() for t in terms.values()])
+        if self._sums is None:
+            self.names = list(terms)
+            self._sums, self._bad = torch.zeros_like(values), torch.zeros_like(values, dtype=torch.bool)
+        self._sums += torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+        self._bad |= ~torch.isfinite(values)
+        self.steps += 1
+
+    def non_finite(self) -> list[str]:
+        """The terms that were NaN or Inf at some step so far."""
+        if self._bad is None or not bool(self._bad.any()):
+            return []
+        return [n for n, b in zip(self.names, self._bad.tolist()) if b]
+
+    def means(self) -> dict[str, float]:
+        assert self._sums is not None, "no step was added"
+        return dict(zip(self.names, (self._sums / self.steps).tolist()))
+
+
 def main_branch_state(model: PFENet) -> dict[str, torch.Tensor]:
     """Parameters and buffers of the main branch (what stage I trains and stage II freezes)."""
     side_ids = {id(p) for p in model.side_parameters()}
@@ -339,40 +369,31 @@ class _Run:
         loader = self._train_batches(stage, epoch)
         loss_fn = stage_loss_fn(cfg, stage)
         model.train()
-        sums: torch.Tensor | None = None
-        bad: torch.Tensor | None = None
-        names: list[str] = []
-        images_seen, steps = 0, 0
+        tally = LossTally()
+        images_seen = 0
         started = time.perf_counter()
         for step, (images, pids, _, _) in enumerate(loader, start=1):
             terms = train_step(
                 model, optimizer, images, pids, stage=stage, loss_fn=loss_fn, device=device, amp_dtype=self.amp_dtype
             )
-            values = torch.stack([t.detach().float() for t in terms.values()])
-            if sums is None:
-                names = list(terms)
-                sums, bad = torch.zeros_like(values), torch.zeros_like(values, dtype=torch.bool)
-            sums += torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
-            bad |= ~torch.isfinite(values)  # accumulated on the device: no host sync per step
+            tally.add(terms)  # on the device: no host sync per step
             images_seen += images.shape[0]
-            steps = step
             if step % cfg.runtime.nan_check_every == 0:
-                self._check_finite(bad, names, stage, epoch)
-        if sums is None:
+                self._check_finite(tally, stage, epoch)
+        if not tally.steps:
             raise PFEError(f"stage {stage} epoch {epoch}: the training set yielded no batch")
-        self._check_finite(bad, names, stage, epoch)
+        self._check_finite(tally, stage, epoch)
         elapsed = time.perf_counter() - started
-        means = (sums / steps).tolist()
-        metrics = {f"train/stage{stage}/{name}": value for name, value in zip(names, means)}
+        metrics = {f"train/stage{stage}/{name}": value for name, value in tally.means().items()}
         metrics[f"lr/stage{stage}"] = optimizer.param_groups[0]["lr"]
         metrics[f"img_per_s/stage{stage}"] = images_seen / elapsed
         metrics[f"epoch_time_s/stage{stage}"] = elapsed
         return metrics
 
     @staticmethod
-    def _check_finite(bad: torch.Tensor | None, names: list[str], stage: int, epoch: int) -> None:
-        if bad is not None and bool(bad.any()):
-            terms = [n for n, b in zip(names, bad.tolist()) if b]
+    def _check_finite(tally: LossTally, stage: int, epoch: int) -> None:
+        terms = tally.non_finite()
+        if terms:
             raise NonFiniteLoss(
                 f"stage {stage} epoch {epoch}: loss term(s) {', '.join(terms)} became NaN/Inf. The checkpoint of "
                 f"epoch {epoch - 1} is kept; lower the learning rate (stage{stage}.lr) or use runtime.precision=fp32."
