@@ -49,7 +49,7 @@ def test_the_copy_is_not_part_of_the_model() -> None:
     model = _stage2_model()
     keys, params = set(model.state_dict()), sum(p.numel() for p in model.parameters())
     model(torch.randn(4, 3, H, W), stage=2)
-    assert model._frozen_main._folded is not None
+    assert model._frozen_copy._folded is not None
     assert set(model.state_dict()) == keys
     assert sum(p.numel() for p in model.parameters()) == params
 
@@ -77,10 +77,10 @@ def test_evaluation_and_the_switch_use_the_modules_themselves() -> None:
     model = _stage2_model()
     model.eval()
     assert torch.equal(model.frozen_main_maps(images)[-1], model.main_maps(images)[-1])
-    assert model._frozen_main._folded is None
+    assert model._frozen_copy._folded is None
     off = _stage2_model(frozen_main="modules")
     assert torch.equal(off.frozen_main_maps(images)[-1], off.main_maps(images)[-1])
-    assert off._frozen_main is None
+    assert off._frozen_copy is None
 
 
 def test_under_bf16_autocast_the_copy_holds_bf16_weights() -> None:
@@ -89,11 +89,11 @@ def test_under_bf16_autocast_the_copy_holds_bf16_weights() -> None:
     with torch.autocast("cpu", torch.bfloat16):
         folded = model.frozen_main_maps(images)
         reference = model.main_maps(images)
-    assert {p.dtype for p in model._frozen_main._folded.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model._frozen_copy._folded.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in model.backbone.parameters()} == {torch.float32}
     assert _rel(folded[-1], reference[-1]) < 3e-2
     model.frozen_main_maps(images)  # autocast off again: an fp32 copy
-    assert {p.dtype for p in model._frozen_main._folded.parameters()} == {torch.float32}
+    assert {p.dtype for p in model._frozen_copy._folded.parameters()} == {torch.float32}
 
 
 def test_compiled_blocks_give_the_eager_step() -> None:
@@ -122,7 +122,7 @@ def test_compiled_blocks_give_the_eager_step() -> None:
         assert len(grads_c) == len(grads_e) > 0
         # all gradients as one vector: a tensor whose gradient is nearly 0 has no meaningful relative error
         assert _rel(torch.cat([g.flatten() for g in grads_c]), torch.cat([g.flatten() for g in grads_e])) < 1e-3
-    assert isinstance(compiled._frozen_main._folded, torch._dynamo.eval_frame.OptimizedModule)
+    assert isinstance(compiled._frozen_copy._folded, torch._dynamo.eval_frame.OptimizedModule)
 
 
 @pytest.mark.parametrize("backbone, blocks", [("resnet18", 8), ("resnet50", 16)])

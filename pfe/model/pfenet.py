@@ -99,7 +99,7 @@ class PFENet(nn.Module):
             raise ValueError(f"runtime.frozen_main: unknown {frozen_main!r}; choose one of {', '.join(FROZEN_MAIN)}")
         self.frozen_main = frozen_main
         # a plain attribute, not a submodule: never saved, moved or counted
-        self._frozen_main = FrozenMainBranch(frozen_main) if frozen_main != "modules" else None
+        self._frozen_copy = FrozenMainBranch(frozen_main) if frozen_main != "modules" else None
         self._main_branch_maps = main_branch_maps  # compile_blocks swaps in a compiled version
 
         # ---- main branch: backbone with attention after each of layers 2..5, F5 head
@@ -182,8 +182,8 @@ class PFENet(nn.Module):
         self._main_branch_maps = torch.compile(main_branch_maps, **options)
         if self.side is not None:
             self.side.compile(**options)
-        if self._frozen_main is not None:
-            self._frozen_main.compile_options = options
+        if self._frozen_copy is not None:
+            self._frozen_copy.compile_options = options
         return self
 
     def main_maps(self, images: Tensor) -> list[Tensor]:
@@ -193,8 +193,8 @@ class PFENet(nn.Module):
     def frozen_main_maps(self, images: Tensor) -> list[Tensor]:
         """Stage II's main-branch maps, without gradient; in training, from the inference copy (``frozen_main``)."""
         with torch.no_grad():  # not inference_mode: the side branches backprop from these maps
-            if self.training and self._frozen_main is not None:
-                return self._frozen_main(self.backbone, self.attention, images)
+            if self.training and self._frozen_copy is not None:
+                return self._frozen_copy(self.backbone, self.attention, images)
             return self.main_maps(images)
 
     def features(self, images: Tensor, stage: int = 1) -> PFEOutput:
