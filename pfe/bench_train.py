@@ -279,6 +279,41 @@ def time_steps(cfg: ExperimentConfig, stage: int, sizes: Sizes, device: torch.de
     return result
 
 
+def profile_step(cfg: ExperimentConfig, stage: int, sizes: Sizes, device: torch.device, steps: int = 5) -> dict[str, Any]:
+    """Where a step's device time goes (``torch.profiler``, ``steps`` steps after warm-up): the top GPU
+    kernels (on a CPU: aten ops) by self time, and the device's busy time against the wall time.
+    The profiler adds host overhead, so ``busy_fraction`` is a lower bound."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step = build_step(cfg, stage, sizes, device)
+    for i in range(3):
+        step.run(i)
+    gpu = device.type == "cuda"
+    kind = torch.autograd.DeviceType.CUDA if gpu else torch.autograd.DeviceType.CPU
+    _sync(device)
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if gpu else [])]) as prof:
+        for i in range(steps):
+            step.run(i)
+        _sync(device)
+    wall_us = (time.perf_counter() - start) * 1e6
+
+    def self_us(event: Any) -> float:
+        return event.self_device_time_total if gpu else event.self_cpu_time_total
+
+    rows = sorted((e for e in prof.key_averages() if e.device_type == kind and self_us(e) > 0), key=self_us, reverse=True)
+    busy_us = sum(self_us(e) for e in rows)
+    return {
+        "steps": steps,
+        "wall_ms_per_step": wall_us / 1e3 / steps,
+        "busy_ms_per_step": busy_us / 1e3 / steps,
+        "busy_fraction": busy_us / wall_us,
+        "kernels_per_step": sum(e.count for e in rows) / steps,
+        "top": [{"name": e.key[:100], "calls_per_step": e.count / steps, "ms_per_step": self_us(e) / 1e3 / steps,
+                 "share": self_us(e) / busy_us} for e in rows[:12]],
+    }
+
+
 # ---------------------------------------------------------------- JPEG set and whole epochs
 def _generate_part(args: tuple[str, int, int, int, int, int]) -> int:
     from pfe.data.synth import generate_synthreid
@@ -556,6 +591,8 @@ def bench_train(device: str = "auto", quick: bool = False, out: str | Path | Non
                 configs["stage1"].with_overrides({**data, "data.cache": "device"}), sizes, dev))
             measure("epoch_workers", lambda: time_epochs(
                 configs["stage1"].with_overrides({**data, "data.cache": "none"}), sizes, dev))
+    for name, stage in (("baseline", 1), ("stage1", 1), ("stage2", 2)):
+        measure(f"profile_{name}", lambda name=name, stage=stage: profile_step(configs[name], stage, sizes, dev))
     eval_size = sizes.eval_size if dev.type == "cuda" or quick else "market1501"
     measure("eval", lambda: time_eval(eval_size, dev, 1 if quick else 3))
     if dev.type == "cuda":  # last: torch.compile takes a minute or more per variant before its first step
@@ -632,6 +669,17 @@ def render_markdown(report: dict[str, Any]) -> str:
             extra = f", cache {r['cache_gb']} GB" if "cache_gb" in r else ""
             lines += ["", f"{key}: {r['train_images']} JPEG training images, {r['workers']} workers, setup "
                       f"{r['setup_s']} s{extra}; {per_epoch}."]
+    for key in ("profile_baseline", "profile_stage1", "profile_stage2"):
+        p = m.get(key)
+        if not p:
+            continue
+        lines += ["", f"{key.removeprefix('profile_')}, where the {'GPU' if report['device'] == 'cuda' else 'CPU'} time "
+                  f"goes (torch.profiler, {p['steps']} steps): busy {p['busy_ms_per_step']:.2f} of "
+                  f"{p['wall_ms_per_step']:.2f} ms a step ({100 * p['busy_fraction']:.0f} %, a lower bound), "
+                  f"{p['kernels_per_step']:.0f} kernels a step", "",
+                  "| kernel | calls/step | ms/step | share |", "| --- | ---: | ---: | ---: |"]
+        lines += [f"| `{r['name']}` | {r['calls_per_step']:.0f} | {r['ms_per_step']:.3f} | {100 * r['share']:.1f} % |"
+                  for r in p["top"]]
     e = m.get("eval")
     if e:
         lines += ["", f"Evaluation at {e['size']} size ({e['queries']:,} x {e['gallery']:,}) on {report['device']}: "

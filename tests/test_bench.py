@@ -39,6 +39,11 @@ def test_bench_train_quick_on_cpu_writes_every_key(tmp_path: Path, capsys: pytes
     assert all(m[k]["loss_finite"] for k in ("baseline", "stage1", "stage2", "stage2_separable"))
     assert m["epoch_device_cache"]["cache"] == "device" and m["epoch_workers"]["cache"] == "none"
     assert [e["epoch"] for e in m["epoch_device_cache"]["epochs"]] == [1, 2]
+    for name in ("baseline", "stage1", "stage2"):
+        profile = m[f"profile_{name}"]
+        assert profile["busy_ms_per_step"] > 0 and profile["top"] and profile["top"][0]["ms_per_step"] > 0
+        assert sum(r["share"] for r in profile["top"]) <= 1.0 + 1e-9
+    assert "conv" in str(m["profile_baseline"]["top"])  # the convolutions are among the costliest
     assert report["acceptance"]["applies"] is False and set(report["acceptance"]["checks"]) >= {"stage2_vs_baseline"}
     markdown = (tmp_path / "bench_cpu_quick.md").read_text()
     assert "| PFE stage II" in markdown and "Acceptance" in markdown
