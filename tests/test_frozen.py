@@ -100,7 +100,9 @@ def test_compiled_blocks_give_the_eager_step() -> None:
     """runtime.compile: same loss and gradients as eager in both stages, same state-dict keys, compiled folded copy."""
     from pfe.losses import stage1_losses, stage2_losses
 
-    images, pids = torch.randn(4, 3, H, W), torch.tensor([0, 0, 1, 1])
+    # fixed inputs: with others, a near-tie in the top-k masks or the hardest triplet can flip between
+    # the two implementations' roundings, and a flipped choice changes the gradients for real
+    images, pids = torch.randn(4, 3, H, W, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 0, 1, 1])
 
     def grads(model: PFENet, stage: int) -> tuple[float, list[torch.Tensor]]:
         model.zero_grad(set_to_none=True)
