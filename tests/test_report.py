@@ -343,6 +343,7 @@ def record_trials(uri: str, name: str, study_file: Path, trials: list[dict]) -> 
             "pfe.wall_s": "360",
             "pfe.device_kind": "cpu",
             "pfe.gpu_fraction": "0",
+            "pfe.pictures": "retrieval.png",  # the page links it whether or not the artifact is there
             "mlflow.parentRunId": pid,
         }
         run_id = client.create_run(exp, tags=tags).info.run_id
@@ -433,6 +434,8 @@ def test_report_pivot_order_deltas_and_plots(tmp_path: Path, monkeypatch: pytest
     assert "mfa: rank-1" in md and "mfa: paper rank-1" in md and "side: paper rank-1" not in md
     page = (out / "grid" / "index.md").read_text()
     assert "uniform / mfa - uniform / side" in page and "+5.6" in page and "+5.50" in page
+    # each trial's pictures are labelled with its whole cell (row / column) and seed
+    assert "- uniform / mfa (seed 0): [retrieval.png]" in page and "- uniform / side (seed 1): [retrieval.png]" in page
     assert "**incomplete**, 1 of 2 epochs" in page
 
     alpha_table = pd.read_csv(out / "alpha" / "table.csv")

@@ -1027,7 +1027,8 @@ def picture_lines(records: StudyRecords, folder: Path) -> list[str]:
         names = [n for n in (_tag(run, "pfe.pictures") or "").split(",") if n]
         if not names:
             continue
-        label = f"{_axis_value(run, records.layout.rows)} (seed {_tag(run, 'pfe.seed') or '?'})"
+        cell = " / ".join(_axis_value(run, key) for key in (records.layout.rows, *records.layout.columns))
+        label = f"{cell} (seed {_tag(run, 'pfe.seed') or '?'})"
         links = ", ".join(f"[{n}]({picture_link(run.info.artifact_uri, n, folder)})" for n in names)
         lines.append(f"- {label}: {links}")
     return lines
