@@ -18,7 +18,6 @@ between steps say what a ratio of measured images/s can reach without fusing ker
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -207,7 +206,6 @@ STEPS = ("baseline", "stage1", "stage2", "stage2_separable", "stage2_unfolded", 
 def bench_cost(quick: bool = False, card: Card = H100, log: Callable[[str], None] = print) -> dict[str, Any]:
     """The cost of every step ``bench train`` times, and the ratios of their floors to the baseline's."""
     sizes = QUICK if quick else FULL
-    torch.manual_seed(0)
     report: dict[str, Any] = {
         "benchmark": "cost",
         "quick": quick,
@@ -264,15 +262,11 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 
 def cli_bench_cost(args: Any) -> int:
+    """The ``cost`` part of `pfe-study bench`: prints the Markdown and where the JSON went."""
     import sys
 
+    from pfe.bench import _write_report
+
     report = bench_cost(quick=args.quick, log=lambda m: print(m, file=sys.stderr, flush=True))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "cost" + ("_quick" if args.quick else "")
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    markdown = render_markdown(report)
-    (out / f"{stem}.md").write_text(markdown)
-    sys.stdout.write(markdown)
-    print(f"wrote {out / stem}.json and .md")
+    _write_report(Path(args.out), "cost" + ("_quick" if args.quick else ""), report, render_markdown(report))
     return 0
