@@ -156,3 +156,21 @@ def test_fused_mode_on_a_cpu_runs_the_folded_copy() -> None:
     assert torch.equal(got[-1], folded.frozen_main_maps(images)[-1])
     with pytest.raises(ValueError, match="runtime.frozen_main"):
         _stage2_model(frozen_main="bogus")
+
+
+def test_stage2_training_steps_reuse_one_copy() -> None:
+    """Training the side branches changes nothing the copy was made from: it is built once, not per step."""
+    from pfe.losses import stage2_losses
+
+    model = _stage2_model()
+    optimizer = torch.optim.Adam(model.side_parameters(), lr=1e-3)
+    pids = torch.tensor([0, 0, 1, 1])
+    copies = []
+    for _ in range(3):
+        out = model(torch.randn(4, 3, H, W), stage=2)
+        loss = stage2_losses(out, pids, mode="cascade", w_ro=0.1)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        copies.append(model._frozen_copy._folded)
+    assert copies[0] is copies[1] is copies[2]
