@@ -171,8 +171,8 @@ class FrozenMainBranch:
                 with torch.no_grad():
                     diff = _rel_diff(fused(images), folded(images))
                 problem = None if diff < 0.05 else f"its maps differ from the folded copy's by {diff:.3g}"
-            except RuntimeError as err:
-                problem = f"cuDNN refused it ({str(err).splitlines()[0]})"
+            except Exception as err:  # RuntimeError, NotImplementedError, AcceleratorError...: any refusal
+                problem = f"cuDNN refused it ({type(err).__name__}: {(str(err).splitlines() or [''])[0]})"
             if problem is None:
                 return fused
             warnings.warn(f"runtime.frozen_main=fused: {problem}; stage II runs the folded copy instead",
