@@ -174,3 +174,23 @@ def test_stage2_training_steps_reuse_one_copy() -> None:
         optimizer.step()
         copies.append(model._frozen_copy._folded)
     assert copies[0] is copies[1] is copies[2]
+
+
+def test_a_fused_copy_that_fails_or_differs_is_refused() -> None:
+    """The check a GPU run makes before trusting cuDNN's fused kernels, on CPU copies."""
+    from pfe.model.frozen import fused_copy_problem
+
+    model = _stage2_model()
+    folded = fold_main_branch(model.backbone, model.attention)
+    fused = fold_main_branch(model.backbone, model.attention, fuse_relu=True)
+    images = torch.randn(2, 3, H, W)
+    assert fused_copy_problem(fused, folded, images) is None
+
+    class Refuses(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+            raise NotImplementedError("no engine for this dtype\nmore detail")
+
+    assert fused_copy_problem(Refuses(), folded, images) == "cuDNN refused it (NotImplementedError: no engine for this dtype)"
+    with torch.no_grad():
+        next(p for n, p in fused.named_parameters() if n.endswith("weight")).mul_(3)
+    assert "differ" in fused_copy_problem(fused, folded, images)

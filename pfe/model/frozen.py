@@ -133,8 +133,16 @@ def fold_main_branch(backbone: nn.Module, attention: nn.ModuleList, dtype: torch
     return folded.to(dtype=dtype) if dtype is not None else folded
 
 
-def _rel_diff(a: list[Tensor], b: list[Tensor]) -> float:
-    return max(((x.float() - y.float()).norm() / y.float().norm().clamp_min(1e-12)).item() for x, y in zip(a, b))
+def fused_copy_problem(fused: nn.Module, folded: nn.Module, images: Tensor, tolerance: float = 0.05) -> str | None:
+    """Why ``fused`` cannot stand in for ``folded`` on ``images`` (it fails, or a map differs by more than
+    ``tolerance`` relative to the folded one's norm), or None when it can."""
+    try:
+        with torch.no_grad():
+            got, want = fused(images), folded(images)
+    except Exception as err:  # RuntimeError, NotImplementedError, AcceleratorError...: any refusal
+        return f"cuDNN refused it ({type(err).__name__}: {(str(err).splitlines() or [''])[0]})"
+    diff = max(((x.float() - y.float()).norm() / y.float().norm().clamp_min(1e-12)).item() for x, y in zip(got, want))
+    return None if diff < tolerance else f"its maps differ from the folded copy's by {diff:.3g}"
 
 
 class FrozenMainBranch:
@@ -167,12 +175,7 @@ class FrozenMainBranch:
         folded = make(False)
         if self.mode == "fused" and on_gpu:  # check cuDNN's fused kernels once against the folded copy
             fused = make(True)
-            try:
-                with torch.no_grad():
-                    diff = _rel_diff(fused(images), folded(images))
-                problem = None if diff < 0.05 else f"its maps differ from the folded copy's by {diff:.3g}"
-            except Exception as err:  # RuntimeError, NotImplementedError, AcceleratorError...: any refusal
-                problem = f"cuDNN refused it ({type(err).__name__}: {(str(err).splitlines() or [''])[0]})"
+            problem = fused_copy_problem(fused, folded, images)
             if problem is None:
                 return fused
             warnings.warn(f"runtime.frozen_main=fused: {problem}; stage II runs the folded copy instead",
