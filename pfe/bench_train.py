@@ -459,6 +459,11 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
+# The step measurements, in the order the report lists them: the baseline first, the frozen forward last.
+STEP_MEASUREMENTS = ("baseline", "stage1", "stage2", "stage2_separable", "stage2_unfolded", "stage2_fused",
+                     "stage1_compiled", "stage2_compiled", "stage2_frozen_forward")
+
+
 def summarise(report: dict[str, Any]) -> None:
     """Fill the headline keys, ratios and acceptance from the measurements (in place)."""
     m = report["measurements"]
@@ -466,33 +471,23 @@ def summarise(report: dict[str, Any]) -> None:
     def get(name: str, key: str = "img_s") -> float | None:
         return m.get(name, {}).get(key)
 
-    report["baseline_img_s"] = get("baseline")
-    report["stage1_img_s"] = get("stage1")
-    report["stage2_img_s"] = get("stage2")
-    report["stage2_separable_img_s"] = get("stage2_separable")
-    report["stage2_unfolded_img_s"] = get("stage2_unfolded")
-    report["stage2_fused_img_s"] = get("stage2_fused")
-    report["stage1_compiled_img_s"] = get("stage1_compiled")
-    report["stage2_compiled_img_s"] = get("stage2_compiled")
-    report["stage2_frozen_forward_img_s"] = get("stage2_frozen_forward")
+    for name in STEP_MEASUREMENTS:
+        report[f"{name}_img_s"] = get(name)
+    for name in STEP_MEASUREMENTS[1:-1]:  # every trained step against the baseline's
+        report[f"{name}_vs_baseline"] = _ratio(report[f"{name}_img_s"], report["baseline_img_s"])
     report["step_from_tensors_img_s"] = get("stage1")
     report["epoch_from_jpeg_img_s"] = get("epoch_device_cache")
     report["epoch_from_jpeg_workers_img_s"] = get("epoch_workers")
+    report["epoch_from_jpeg_vs_step_from_tensors"] = _ratio(report["epoch_from_jpeg_img_s"], report["step_from_tensors_img_s"])
+    report["epoch_workers_vs_step_from_tensors"] = _ratio(
+        report["epoch_from_jpeg_workers_img_s"], report["step_from_tensors_img_s"]
+    )
     report["eval_msmt_s"] = get("eval", "rank_metrics_s")
     report["eval_msmt_final_set_s"] = get("eval", "final_set_from_features_s")
     peaks = [v.get("peak_mem_gb") for k, v in m.items() if k != "eval"]
     peaks = [p for p in peaks if p is not None]
     report["peak_mem_gb"] = max(peaks) if peaks else None
     report["eval_peak_mem_gb"] = get("eval", "peak_mem_gb")
-    report["stage1_vs_baseline"] = _ratio(report["stage1_img_s"], report["baseline_img_s"])
-    report["stage2_vs_baseline"] = _ratio(report["stage2_img_s"], report["baseline_img_s"])
-    report["stage2_fused_vs_baseline"] = _ratio(report["stage2_fused_img_s"], report["baseline_img_s"])
-    report["stage1_compiled_vs_baseline"] = _ratio(report["stage1_compiled_img_s"], report["baseline_img_s"])
-    report["stage2_compiled_vs_baseline"] = _ratio(report["stage2_compiled_img_s"], report["baseline_img_s"])
-    report["epoch_from_jpeg_vs_step_from_tensors"] = _ratio(report["epoch_from_jpeg_img_s"], report["step_from_tensors_img_s"])
-    report["epoch_workers_vs_step_from_tensors"] = _ratio(
-        report["epoch_from_jpeg_workers_img_s"], report["step_from_tensors_img_s"]
-    )
     checks = {}
     for key, (op, bound) in ACCEPTANCE.items():
         value = report.get(key)
