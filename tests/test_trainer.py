@@ -162,3 +162,15 @@ def test_a_stage_restored_from_its_final_checkpoint_is_not_retrained(tiny_cfg, u
     assert hooks.epochs == [] and hooks.stage_ends == [2]
     assert restored.metrics == result.metrics
     assert restored.cmc == result.cmc and "F2_F3_F4_F5" in restored.cmc
+
+
+def test_a_deterministic_run_does_not_leave_the_process_deterministic() -> None:
+    from pfe.engine.trainer import seed_everything
+
+    try:
+        seed_everything(0, deterministic=True)
+        assert torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.benchmark
+        seed_everything(0, deterministic=False)
+        assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.benchmark
+    finally:
+        torch.use_deterministic_algorithms(False)

@@ -96,11 +96,9 @@ def seed_everything(seed: int, deterministic: bool | None = None) -> None:
     torch.manual_seed(seed)
     if deterministic is None:
         return
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    else:
-        torch.backends.cudnn.benchmark = True
+    # both ways explicitly: a deterministic run earlier in the process must not slow this one down
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.benchmark = not deterministic
 
 
 def lr_factor(recipe: _Recipe) -> Callable[[int], float]:
