@@ -25,7 +25,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-@pytest.mark.parametrize("backbone", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet50", "densenet169"])  # DenseNet: BN before conv, partly folded
 def test_folded_maps_equal_the_modules_maps_in_fp32(backbone: str) -> None:
     model = _stage2_model(backbone)
     images = torch.randn(2, 3, H, W)
