@@ -23,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "eval": ("pfe.engine.inspect", "cli_eval", "evaluate a trained checkpoint on a dataset"),
     "profile": ("pfe.model.profile", "cli_profile", "parameters and GMACs, Table V style"),
     "ui": ("pfe.study.ui", "cli_ui", "the MLflow UI on a study's tracking store"),
-    "bench": ("pfe.bench", "cli_bench", "throughput, evaluation time and memory benchmarks"),
+    "bench": ("pfe.bench", "cli_bench", "throughput, evaluation time, memory and step-cost benchmarks"),
     "data": ("pfe.data.cli", "cli_data", "datasets: generate synthetic data, show statistics"),
 }
 
@@ -87,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=5000)
 
     p = subs["bench"]
-    p.add_argument("what", nargs="?", default="all", choices=["all", "eval", "rerank", "train", "cost"])
+    p.add_argument("what", nargs="?", default="all", choices=["all", "eval", "rerank", "train", "cost"],
+                   help="all = train, eval and rerank; cost: FLOPs, bytes and kernels of each training step, "
+                   "counted on the CPU (default: all)")
     p.add_argument("--device", default="auto", help="cpu | cuda (default: cuda when present)")
     p.add_argument("--out", default="reports/bench", help="output folder for JSON and Markdown")
     p.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
