@@ -203,7 +203,6 @@ class BenchStep:
     """One measured step, ready to call: ``run(i)`` runs it on batch ``i % 4``."""
 
     run: Callable[[int], None]
-    model: torch.nn.Module
     optimizer: torch.optim.Optimizer | None  # None: the frozen forward alone
     params_trained: int
     loss_finite: Callable[[], bool]
@@ -238,7 +237,7 @@ def build_step(cfg: ExperimentConfig, stage: int, sizes: Sizes, device: torch.de
             with torch.autocast(device.type, amp, enabled=amp is not None):
                 model.frozen_main_maps(batches[i % len(batches)][0])
 
-        return BenchStep(forward, model, None, 0, lambda: True)
+        return BenchStep(forward, None, 0, lambda: True)
 
     params = list(model.main_branch_parameters() if stage == 1 else model.side_parameters())
     optimizer = build_optimizer(params, cfg.stage1 if stage == 1 else cfg.stage2, device, fused=fused_adam)
@@ -249,7 +248,7 @@ def build_step(cfg: ExperimentConfig, stage: int, sizes: Sizes, device: torch.de
         images, pids = batches[i % len(batches)]
         tally.add(train_step(model, optimizer, images, pids, stage=stage, loss_fn=loss_fn, device=device, amp_dtype=amp))
 
-    return BenchStep(step, model, optimizer, sum(p.numel() for p in params), lambda: not tally.non_finite())
+    return BenchStep(step, optimizer, sum(p.numel() for p in params), lambda: not tally.non_finite())
 
 
 def time_steps(cfg: ExperimentConfig, stage: int, sizes: Sizes, device: torch.device,
