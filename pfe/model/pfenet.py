@@ -97,7 +97,6 @@ class PFENet(nn.Module):
         self.stage = 1
         if frozen_main not in FROZEN_MAIN:
             raise ValueError(f"runtime.frozen_main: unknown {frozen_main!r}; choose one of {', '.join(FROZEN_MAIN)}")
-        self.frozen_main = frozen_main
         # a plain attribute, not a submodule: never saved, moved or counted
         self._frozen_copy = FrozenMainBranch(frozen_main) if frozen_main != "modules" else None
         self._main_branch_maps = main_branch_maps  # compile_blocks swaps in a compiled version
