@@ -145,6 +145,21 @@ def test_fused_copy_merges_conv_relu_and_residual_ends(backbone: str, blocks: in
         assert _rel(got, want) < 1e-6
 
 
+def test_fused_copy_takes_fp32_images_with_bf16_weights() -> None:
+    """cuDNN's fused ops have no autocast rule: the bf16 copy must cast the fp32 images itself (as the
+    folded copy's convs are cast by autocast), or a GPU run refuses the fused copy at its stem."""
+    model = _stage2_model()
+    fused = fold_main_branch(model.backbone, model.attention, dtype=torch.bfloat16, fuse_relu=True)
+    folded = fold_main_branch(model.backbone, model.attention, dtype=torch.bfloat16)
+    images = torch.randn(2, 3, H, W)
+    got = fused(images)  # no autocast: the same inputs cudnn_convolution_relu receives under autocast
+    with torch.autocast("cpu", torch.bfloat16):
+        want = folded(images)
+    for g, w in zip(got, want):
+        assert g.dtype == torch.bfloat16
+        assert torch.equal(g, w)  # on a CPU both run the same bf16 convs on the same bf16 inputs
+
+
 def test_fused_mode_on_a_cpu_runs_the_folded_copy() -> None:
     import warnings
 

@@ -54,7 +54,11 @@ class _MainBranch(nn.Module):
 
 
 class ConvReLU(nn.Module):
-    """ReLU(conv(x)) of a BN-folded conv: one cuDNN kernel on a GPU."""
+    """ReLU(conv(x)) of a BN-folded conv: one cuDNN kernel on a GPU.
+
+    cuDNN's fused ops have no autocast rule (autocast passes their inputs through as they are), so the
+    input is cast to the weights' dtype here, as autocast casts a conv's input: the fp32 images
+    reaching the stem under bf16 autocast would otherwise meet bf16 weights and be refused."""
 
     def __init__(self, conv: nn.Conv2d) -> None:
         super().__init__()
@@ -62,13 +66,15 @@ class ConvReLU(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         c = self.conv
+        x = x.to(c.weight.dtype)
         if x.is_cuda:
             return torch.cudnn_convolution_relu(x, c.weight, c.bias, c.stride, c.padding, c.dilation, c.groups)
         return F.relu(c(x))
 
 
 class ConvAddReLU(nn.Module):
-    """ReLU(conv(x) + shortcut), the end of a residual block: one cuDNN kernel on a GPU."""
+    """ReLU(conv(x) + shortcut), the end of a residual block: one cuDNN kernel on a GPU (inputs cast
+    to the weights' dtype, as in :class:`ConvReLU`)."""
 
     def __init__(self, conv: nn.Conv2d) -> None:
         super().__init__()
@@ -76,6 +82,7 @@ class ConvAddReLU(nn.Module):
 
     def forward(self, x: Tensor, shortcut: Tensor) -> Tensor:
         c = self.conv
+        x, shortcut = x.to(c.weight.dtype), shortcut.to(c.weight.dtype)
         if x.is_cuda:
             return torch.cudnn_convolution_add_relu(
                 x, c.weight, shortcut, 1.0, c.bias, c.stride, c.padding, c.dilation, c.groups)
