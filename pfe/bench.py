@@ -330,35 +330,26 @@ def _write_report(out: Path, stem: str, report: dict[str, Any], markdown: str) -
 
 
 def cli_bench(args: argparse.Namespace) -> int:
-    """`pfe-study bench [all|eval|rerank|train|cost] [--device D] [--out DIR] [--quick]`."""
-    what = getattr(args, "what", "all")
+    """`pfe-study bench [all|eval|rerank|train|cost|plot] [--device D] [--out DIR] [--quick]`."""
+    what, out, suffix = getattr(args, "what", "all"), Path(args.out), "_quick" if args.quick else ""
     if what == "cost":  # CPU only, any machine: FLOPs, bytes and kernels of each training step
         from pfe.bench_cost import cli_bench_cost
 
         return cli_bench_cost(args)
+    if what == "plot":
+        from pfe.bench_train import cli_bench_plot
+
+        return cli_bench_plot(args)
     if what in ("train", "all"):  # first: on a time-limited GPU run the training numbers matter most
         from pfe.bench_train import cli_bench_train
 
         cli_bench_train(args)
-        if what == "train":
-            return 0
-    if what == "rerank":
+    if what in ("eval", "all"):
+        report = bench_eval(device=args.device, quick=args.quick)
+        device = "cuda" if any(r["device"] == "cuda" for r in report["results"]) else "cpu"
+        _write_report(out, f"eval_{device}{suffix}", report, render_markdown(report))
+    if what in ("rerank", "all"):
         rr = bench_rerank(device=args.device, quick=args.quick)
-        stem = f"rerank_{'cuda' if rr['host']['device'] != 'cpu' else 'cpu'}" + ("_quick" if args.quick else "")
-        _write_report(Path(args.out), stem, rr, render_rerank_markdown(rr))
-        return 0
-    report = bench_eval(device=args.device, quick=args.quick)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    device = "cuda" if any(r["device"] == "cuda" for r in report["results"]) else "cpu"
-    stem = f"eval_{device}" + ("_quick" if args.quick else "")
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    markdown = render_markdown(report)
-    (out / f"{stem}.md").write_text(markdown)
-    sys.stdout.write(markdown)
-    print(f"wrote {out / stem}.json and .md")
-    if what == "all":
-        rr = bench_rerank(device=args.device, quick=args.quick)
-        stem = f"rerank_{'cuda' if rr['host']['device'] != 'cpu' else 'cpu'}" + ("_quick" if args.quick else "")
-        _write_report(out, stem, rr, render_rerank_markdown(rr))
+        device = "cuda" if rr["host"]["device"] != "cpu" else "cpu"
+        _write_report(out, f"rerank_{device}{suffix}", rr, render_rerank_markdown(rr))
     return 0

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from pfe.config import ExperimentConfig
+from pfe.errors import PFEError
 
 GB = 1e9
 
@@ -596,7 +597,78 @@ def bench_train(device: str = "auto", quick: bool = False, out: str | Path | Non
     return report
 
 
-# ---------------------------------------------------------------- Markdown
+# ---------------------------------------------------------------- Markdown and plot
+# What the report shows, in its order: measurement -> (short label for the plot, label for the table).
+THROUGHPUT_ROWS = {
+    "baseline": ("baseline (BoT)", "baseline: {net} BoT (BNNeck, CE + triplet), step on device tensors"),
+    "stage1": ("stage I", "PFE stage I ({net} + TSAM), step on device tensors"),
+    "stage2": ("stage II", "PFE stage II (frozen main branch; MFA, cascade, RO), step on device tensors"),
+    "stage2_separable": ("stage II, MFA-dagger", "PFE stage II with MFA-dagger (separable 3x3)"),
+    "stage2_unfolded": ("stage II, frozen_main=modules",
+                        "PFE stage II, frozen main branch as checkpointed (runtime.frozen_main=modules)"),
+    "stage2_fused": ("stage II, frozen_main=fused",
+                     "PFE stage II, cuDNN conv+ReLU kernels in the folded copy (runtime.frozen_main=fused)"),
+    "stage1_compiled": ("stage I, compile", "PFE stage I with runtime.compile=true"),
+    "stage2_compiled": ("stage II, compile", "PFE stage II with runtime.compile=true"),
+    "stage2_frozen_forward": ("stage II's frozen forward alone",
+                              "stage II's frozen main branch alone: forward, no grad (the floor of a stage-II step)"),
+    "epoch_device_cache": ("stage I epoch from JPEG, cache=device", "stage I, whole epoch from JPEG, data.cache=device"),
+    "epoch_workers": ("stage I epoch from JPEG, workers",
+                      "stage I, whole epoch from JPEG, data.cache=none (DataLoader workers)"),
+}
+
+
+def plot_throughput(report: dict[str, Any], path: str | Path) -> Path:
+    """The report as a figure: images/s of each measurement with its ratio to the baseline (whole epochs:
+    to stage I's step), the issue's bounds as lines (stage I 0.9x, stage II 2.0x, epochs 0.95x stage I,
+    1,850 images/s on a GPU), and peak GPU memory."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    m, base = report["measurements"], report.get("baseline_img_s")
+    keys = [k for k in THROUGHPUT_ROWS if k in m]
+    if not keys:
+        raise ValueError("plot_throughput: the report holds no throughput measurement")
+    colours = {"baseline": "0.55", "stage1": "#1f4e9a", "stage2": "#d9731a", "epoch": "#1a9a3a"}
+    memory = [m[k].get("peak_mem_gb") for k in keys]
+    with_memory = any(v is not None for v in memory)
+    fig = Figure(figsize=(12 if with_memory else 9, 0.45 * len(keys) + 1.8))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2 if with_memory else 1, sharey=True, squeeze=False,
+                        gridspec_kw={"width_ratios": [3, 1]} if with_memory else None)[0]
+    y = list(range(len(keys)))[::-1]
+    speed = [m[k]["img_s"] for k in keys]
+    bars = axes[0].barh(y, speed, color=[colours[k.split("_")[0]] for k in keys])
+    step1 = report.get("step_from_tensors_img_s")
+    for key, bar, value in zip(keys, bars, speed):  # epochs against stage I's step, as the issue's bound
+        ratio, of = (_ratio(value, step1), "x stage I") if key.startswith("epoch") else (_ratio(value, base), "x")
+        axes[0].annotate(f" {value:,.0f}" + (f"  ({ratio:.2f}{of})" if ratio is not None else ""),
+                         (bar.get_width(), bar.get_y() + bar.get_height() / 2), va="center", fontsize=8)
+    bounds = [(0.9 * base, "stage I bound, 0.9x", colours["stage1"]), (2.0 * base, "stage II bound, 2.0x",
+              colours["stage2"])] if base else []
+    if step1:
+        bounds.append((0.95 * step1, "epoch bound, 0.95x stage I", colours["epoch"]))
+    if report["device"] == "cuda":
+        bounds.append((ACCEPTANCE["baseline_img_s"][1], "baseline bound (H100), 1,850", colours["baseline"]))
+    for x, label, colour in bounds:
+        axes[0].axvline(x, color=colour, linestyle="--", linewidth=1, label=label)
+    if bounds:
+        axes[0].legend(loc="lower right", fontsize=8)
+    axes[0].set_xlim(0, max(speed + [x for x, _, _ in bounds]) * 1.25)
+    axes[0].set_yticks(y, [THROUGHPUT_ROWS[k][0] for k in keys])
+    axes[0].set_xlabel("images/s (training step; whole epochs for the JPEG rows)")
+    if with_memory:
+        axes[1].barh(y, [v or 0.0 for v in memory], color="0.7")
+        axes[1].set_xlabel("peak GPU memory (GB)")
+    setup = report["setup"]
+    fig.suptitle(f"pfe-study bench train: {report['card']}, torch {report['torch']}, {setup['backbone']} "
+                 f"{setup['input']}, batch {setup['batch']}, {setup['precision']}", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    return path
+
+
 def _fmt(value: Any, digits: int = 1) -> str:
     if value is None:
         return "n/a"
@@ -620,21 +692,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         "| --- | ---: | ---: | ---: | ---: |",
     ]
     base = report.get("baseline_img_s")
-    net = setup["backbone"]
-    rows = [
-        (f"baseline: {net} BoT (BNNeck, CE + triplet), step on device tensors", "baseline"),
-        (f"PFE stage I ({net} + TSAM), step on device tensors", "stage1"),
-        ("PFE stage II (frozen main branch; MFA, cascade, RO), step on device tensors", "stage2"),
-        ("PFE stage II with MFA-dagger (separable 3x3)", "stage2_separable"),
-        ("PFE stage II, frozen main branch as checkpointed (runtime.frozen_main=modules)", "stage2_unfolded"),
-        ("PFE stage II, cuDNN conv+ReLU kernels in the folded copy (runtime.frozen_main=fused)", "stage2_fused"),
-        ("PFE stage I with runtime.compile=true", "stage1_compiled"),
-        ("PFE stage II with runtime.compile=true", "stage2_compiled"),
-        ("stage II's frozen main branch alone: forward, no grad (the floor of a stage-II step)", "stage2_frozen_forward"),
-        ("stage I, whole epoch from JPEG, data.cache=device", "epoch_device_cache"),
-        ("stage I, whole epoch from JPEG, data.cache=none (DataLoader workers)", "epoch_workers"),
-    ]
-    for label, key in rows:
+    for key, (_, label) in THROUGHPUT_ROWS.items():
+        label = label.format(net=setup["backbone"])
         r = m.get(key)
         if r is None:
             status = f"failed: {report['errors'][key]}" if key in report["errors"] else "not run"
@@ -701,4 +760,31 @@ def cli_bench_train(args: Any) -> int:
     stem = f"bench_{report['device']}" + ("_quick" if args.quick else "")
     sys.stdout.write(render_markdown(report))
     print(f"wrote {out / stem}.json and .md")
+    write_plot(out / f"{stem}.json")
+    return 0
+
+
+def write_plot(json_path: Path) -> Path | None:
+    """``plot_throughput`` of a saved report, beside it (.png); None, with a line why, without matplotlib."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print(f"no plot of {json_path}: matplotlib is not installed (pip install matplotlib)")
+        return None
+    path = plot_throughput(json.loads(json_path.read_text()), json_path.with_suffix(".png"))
+    print(f"wrote {path}")
+    return path
+
+
+def cli_bench_plot(args: Any) -> int:
+    """`pfe-study bench plot [--out DIR]`: the figure of every training report (bench_*.json) in DIR."""
+    reports = sorted(Path(args.out).glob("bench_*.json"))
+    if not reports:
+        raise PFEError(f"bench plot: no bench_*.json in {args.out}: run `pfe-study bench train --out {args.out}` "
+                       "first, or point --out at the folder that holds its report")
+    for path in reports:
+        try:
+            write_plot(path)
+        except (ValueError, KeyError, json.JSONDecodeError) as err:
+            raise PFEError(f"bench plot: {path} is not a training report ({type(err).__name__}: {err})") from None
     return 0

@@ -87,9 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=5000)
 
     p = subs["bench"]
-    p.add_argument("what", nargs="?", default="all", choices=["all", "eval", "rerank", "train", "cost"],
+    p.add_argument("what", nargs="?", default="all", choices=["all", "eval", "rerank", "train", "cost", "plot"],
                    help="all = train, eval and rerank; cost: FLOPs, bytes and kernels of each training step, "
-                   "counted on the CPU (default: all)")
+                   "counted on the CPU; plot: the figure of each training report in --out (default: all)")
     p.add_argument("--device", default="auto", help="cpu | cuda (default: cuda when present)")
     p.add_argument("--out", default="reports/bench", help="output folder for JSON and Markdown")
     p.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")

@@ -48,6 +48,18 @@ def test_bench_train_quick_on_cpu_writes_every_key(tmp_path: Path, capsys: pytes
     markdown = (tmp_path / "bench_cpu_quick.md").read_text()
     assert "| PFE stage II" in markdown and "Acceptance" in markdown
     assert "bench_cpu_quick.json" in capsys.readouterr().out
+    figure = tmp_path / "bench_cpu_quick.png"
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    figure.unlink()  # `bench plot` draws it again from the JSON alone
+    assert main(["bench", "plot", "--out", str(tmp_path)]) == 0 and figure.stat().st_size > 10_000
+
+
+def test_bench_plot_names_what_is_missing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "plot", "--out", str(tmp_path)]) == 2
+    assert f"no bench_*.json in {tmp_path}" in capsys.readouterr().err
+    (tmp_path / "bench_cuda.json").write_text('{"device": "cuda"}')
+    assert main(["bench", "plot", "--out", str(tmp_path)]) == 2
+    assert "bench_cuda.json is not a training report" in capsys.readouterr().err
 
 
 def test_synth_set_generated_in_parts_loads_as_one_dataset(tmp_path: Path) -> None:

@@ -6,7 +6,8 @@
 # 2. The device call (the `run` tool), from the repo root:
 #        command: bash reports/bench/run_gpu_bench.sh      carry: [".whl"]      timeout_s: 590
 # 3. Copy the files that come back (bench_cuda.json/.md, eval_cuda.*, rerank_cuda.*, log.txt) into
-#    reports/bench/ and commit them with the figures in the issue note.
+#    reports/bench/, draw the figure here (`pfe-study bench plot --out reports/bench`: bench_cuda.png; the
+#    device returns at most 8 files, so it is not made there) and commit them with the figures in the note.
 #
 # What runs: `python3 -m pfe.cli bench --device cuda --out $OUT/bench`, i.e. `bench train` first
 # (baseline, stage I, stage II, MFA-dagger, stage II with runtime.frozen_main=modules and =fused,
@@ -42,6 +43,7 @@ nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,clocks.max.sm,tem
 timeout "${PFE_BENCH_TIMEOUT:-520}" python3 -m pfe.cli bench ${PFE_BENCH_ARGS:---device cuda} --out "$OUT/bench" 2>&1 \
   | tee -a "$OUT/bench/log.txt"
 rc=${PIPESTATUS[0]}
+rm -f "$OUT"/bench/*.png  # drawn here from the JSON (pfe-study bench plot): the device returns at most 8 files
 echo "=== exit status $rc (124: cut at ${PFE_BENCH_TIMEOUT:-520} s) ==="
 for f in "$OUT"/bench/bench_*.json; do
   echo "=== $f ==="
