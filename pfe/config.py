@@ -50,7 +50,17 @@ class DataConfig(_Section):
     erasing_prob: float = Field(0.5, ge=0.0, le=1.0)
     pad: int = Field(0, ge=0, description="pad + random crop in pixels; 0 = off (the paper's recipe)")
     skip_corrupt: bool = False
-    workers: int = Field(2, ge=0)
+    workers: int | Literal["auto"] = Field(
+        "auto", description="DataLoader worker processes (decoding, augmentation, evaluation); auto: one less "
+        "than the CPUs this run may use (in a Ray trial, its `resources.cpu`), at most 8 (pfe.data.loader."
+        "resolve_workers)")
+
+    @field_validator("workers")
+    @classmethod
+    def _workers_not_negative(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 0:
+            raise ValueError("a number of worker processes is 0 or more, or auto")
+        return value
     cache: Literal["none", "device"] = Field(
         "none",
         description="none: decode and augment each epoch in DataLoader workers; device: decode the training "

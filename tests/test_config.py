@@ -28,6 +28,18 @@ def test_defaults_are_the_paper_recipe():
     assert cfg.final_set == "F2_F3_F4_F5"
 
 
+def test_auto_workers_leave_the_main_process_a_cpu():
+    from pfe.data.loader import MAX_AUTO_WORKERS, resolve_workers
+
+    assert ExperimentConfig().data.workers == "auto"
+    assert load_config(None, ["data.workers=3"]).data.workers == 3
+    assert [resolve_workers("auto", cpus) for cpus in (0.5, 1, 2, 8, 64)] == [0, 0, 1, 7, MAX_AUTO_WORKERS]
+    assert resolve_workers(0, cpus=64) == 0 and resolve_workers(5) == 5  # a number stays as it is
+    import os
+
+    assert resolve_workers("auto") == min(MAX_AUTO_WORKERS, len(os.sched_getaffinity(0)) - 1)
+
+
 def test_good_file_and_overrides(tmp_path):
     path = write(tmp_path, "model:\n  side: fa\nstage2:\n  temperatures: [5, 4, 3]\n")
     cfg = load_config(path, ["stage1.epochs=2", "model.alpha=0.1", "eval.sets=[F5, F4_F5]"])
@@ -53,6 +65,8 @@ def test_good_file_and_overrides(tmp_path):
         ("model:\n  alpha: 1.5\n", [], "model.alpha"),
         ("", ["stage2.temperatures=[1, 2]"], "stage2.temperatures"),
         ("", ["data.ids_per_batch=1"], "data.ids_per_batch"),
+        ("", ["data.workers=-1"], "data.workers"),
+        ("", ["data.workers=many"], "data.workers"),
         ("", ["eval.sets=[F6]"], "eval.sets"),
         ("stage1:\n  milestones: [70, 40]\n", [], "stage1.milestones"),
         ("model: [1, 2\n", [], "not valid YAML"),

@@ -36,6 +36,23 @@ EVAL_KEYS = [f"eval/{s}/{m}" for s in SETS for m in ("rank1", "rank5", "rank10",
 FINAL_KEYS = ["rank1", "mAP", "mINP"]
 
 
+def test_auto_workers_in_a_trial_count_the_cpus_reserved_for_it() -> None:
+    """data.workers=auto in a Ray worker: its `resources.cpu` (here 1 and 3), not the node's CPUs."""
+    import ray
+
+    from pfe.config import ExperimentConfig
+    from pfe.study.runner import _trial_workers
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        workers = ray.remote(lambda cfg: _trial_workers(cfg).data.workers)
+        cfg = ExperimentConfig()
+        assert ray.get([workers.options(num_cpus=n).remote(cfg) for n in (1, 3)]) == [0, 2]
+        assert ray.get(workers.options(num_cpus=3).remote(cfg.with_overrides({"data.workers": 5}))) == 5
+    finally:
+        ray.shutdown()
+
+
 def test_eight_concurrent_trials_lose_no_metric_point(tmp_path: Path) -> None:
     (tmp_path / "study.yaml").write_text(STUDY)
     (tmp_path / "crash").mkdir()

@@ -24,7 +24,7 @@ import torch
 
 from pfe.config import RANK_METRICS, ExperimentConfig
 from pfe.data.datasets import ReIDDataset, build_dataset
-from pfe.data.loader import ImageDataset
+from pfe.data.loader import ImageDataset, resolve_workers
 from pfe.data.transforms import build_test_transform
 from pfe.engine import checkpoint as ckpt
 from pfe.engine.evaluation import evaluate_features
@@ -177,7 +177,7 @@ def evaluate_checkpoint(
     q, g, q_pids, g_pids, q_cams, g_cams = extract_split_features(
         model, ImageDataset(data.query, transform), ImageDataset(data.gallery, transform), dev,
         autocast_dtype(cfg.runtime.precision, dev), flip=cfg.eval.flip,
-        batch_size=batch_size or cfg.eval.batch_size, workers=cfg.data.workers if workers is None else workers,
+        batch_size=batch_size or cfg.eval.batch_size, workers=resolve_workers(cfg.data.workers if workers is None else workers),
     )
     metrics, cmc = evaluate_features(
         q, g, q_pids, g_pids, q_cams, g_cams, sets=sets, max_rank=cfg.eval.max_rank, twins=data.twins, rerank=rerank

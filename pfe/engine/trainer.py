@@ -31,7 +31,7 @@ from pfe import losses
 from pfe.config import ExperimentConfig, _Recipe, dump_config, load_config
 from pfe.data.datasets import ReIDDataset, build_dataset
 from pfe.data.device_cache import DeviceTrainCache, epoch_generator
-from pfe.data.loader import ImageDataset
+from pfe.data.loader import ImageDataset, resolve_workers
 from pfe.data.sampler import PKSampler
 from pfe.data.transforms import build_test_transform, build_train_transform
 from pfe.engine import checkpoint as ckpt
@@ -256,6 +256,9 @@ class _Run:
         self.amp_dtype = autocast_dtype(cfg.runtime.precision, self.device)
         seed_everything(cfg.runtime.seed, cfg.runtime.deterministic)
         self.data: ReIDDataset = build_dataset(cfg.data)
+        self.workers = resolve_workers(cfg.data.workers)
+        log(f"data: {cfg.data.dataset}, {len(self.data.train)} training images; {self.workers} DataLoader "
+            f"worker{'' if self.workers == 1 else 's'}" + (" (data.workers=auto)" if cfg.data.workers == "auto" else ""))
         self.model = place_model(build_model(cfg, self.data.num_train_pids), self.device, cfg.runtime.compile)
         self.train_set = ImageDataset(
             self.data.train,
@@ -275,7 +278,7 @@ class _Run:
             d = cfg.data
             self.train_cache = DeviceTrainCache.build(
                 self.data.train, d.height, d.width, self.device, flip_prob=d.flip_prob, erasing_prob=d.erasing_prob,
-                pad=d.pad, skip_corrupt=d.skip_corrupt, workers=d.workers,
+                pad=d.pad, skip_corrupt=d.skip_corrupt, workers=self.workers,
             )
             log(f"data.cache=device: {len(self.train_cache)} training images ({self.train_cache.nbytes() / 2**30:.2f} GiB"
                 f" uint8) on {self.device} in {time.perf_counter() - started:.1f}s")
@@ -287,13 +290,12 @@ class _Run:
         if self.train_cache is not None:
             generator = epoch_generator(self.device, self.cfg.runtime.seed, stage, epoch)
             return self.train_cache.epoch(self.sampler, generator)
-        workers = self.cfg.data.workers
         return DataLoader(
             self.train_set,
             batch_sampler=self.sampler,
-            num_workers=workers,
+            num_workers=self.workers,
             pin_memory=self.device.type == "cuda",
-            prefetch_factor=4 if workers else None,
+            prefetch_factor=4 if self.workers else None,
         )
 
     # -- evaluation
@@ -302,7 +304,7 @@ class _Run:
         sets = ["F5"] if stage == 1 else self.cfg.eval_sets
         feats = extract_split_features(
             self.model, self.query_set, self.gallery_set, self.device, self.amp_dtype,
-            flip=self.cfg.eval.flip, batch_size=self.cfg.eval.batch_size, workers=self.cfg.data.workers,
+            flip=self.cfg.eval.flip, batch_size=self.cfg.eval.batch_size, workers=self.workers,
         )
         metrics, cmc = evaluate_features(
             *feats, sets=sets, max_rank=self.cfg.eval.max_rank, twins=self.data.twins, rerank=self.cfg.eval.rerank

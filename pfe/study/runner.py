@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from pfe.config import STAGE1_PREFIXES, ExperimentConfig, dump_config, validate_config
+from pfe.data.loader import resolve_workers
 from pfe.errors import ConfigError, DataError, PFEError
 from pfe.study.spec import StudySpec, Trial, format_plan, load_study, stage1_config
 from pfe.study.tracking import (
@@ -901,7 +902,7 @@ def _write_pictures(payload: dict[str, Any], final: Path, out: Path) -> int:
         from pfe.engine.inspect import evaluate_checkpoint, write_report_pictures
 
         started = time.perf_counter()
-        cfg = validate_config(payload["cfg"])
+        cfg = _trial_workers(validate_config(payload["cfg"]))
         sets = list(dict.fromkeys(["F5", cfg.final_set]))
         report = evaluate_checkpoint(final, sets=sets, device=cfg.runtime.device, workers=cfg.data.workers)
         paths = write_report_pictures(report, out, num_images=4, num_queries=4, top=5)
@@ -948,7 +949,7 @@ def _trainable(config: dict[str, Any]) -> None:
         return
     from pfe.engine.trainer import TrainHooks, device_kind, resolve_device, train
 
-    cfg = validate_config(payload["cfg"])
+    cfg = _trial_workers(validate_config(payload["cfg"]))
     root = Path(tempfile.gettempdir()) / "pfe-trials" / f"{payload['role']}-{payload['key'][:16]}-{os.getpid()}"
     workdir = root / "run"
     shutil.rmtree(root, ignore_errors=True)
@@ -979,6 +980,16 @@ def _trainable(config: dict[str, Any]) -> None:
         reporter.final(result.metrics, result.cmc, result.wall_s)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _trial_workers(cfg: ExperimentConfig) -> ExperimentConfig:
+    """``data.workers=auto`` in a trial counts the CPUs Ray reserved for it (``resources.cpu``), not the node's."""
+    if cfg.data.workers != "auto":
+        return cfg
+    import ray
+
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    return cfg.with_overrides({"data.workers": resolve_workers("auto", cpus)})
 
 
 def _maybe_crash(stage: int, epoch: int) -> None:
