@@ -254,6 +254,38 @@ def test_real_market_crops_as_a_dataset(tmp_path: Path) -> None:
 # ---- loader and transforms -----------------------------------------------------------------------
 
 
+def test_seeded_batches_give_the_same_augmentations_with_any_number_of_workers(tmp_path: Path) -> None:
+    """data.workers changes how fast, never what: flips and erasings are drawn per (seed, stage, epoch, place)."""
+    from torch.utils.data import DataLoader
+
+    from pfe.data.loader import SeededBatches
+    from pfe.data.sampler import PKSampler
+    from pfe.data.synth import generate_synthreid
+
+    generate_synthreid(tmp_path / "s", ids_train=4, ids_test=2, images_per_id=4, cameras=2, seed=0)
+    train = load_dataset("synthreid", tmp_path / "s").train
+    dataset = ImageDataset(train, build_train_transform(32, 16, flip_prob=0.5, erasing_prob=0.5))
+    sampler = PKSampler([t.pid for t in train], 2, 2, seed=0)
+
+    def epoch(stage: int, number: int, workers: int) -> list[torch.Tensor]:
+        sampler.set_epoch(number)
+        loader = DataLoader(dataset, batch_sampler=SeededBatches(sampler, 0, stage, number), num_workers=workers)
+        return [images for images, *_ in loader]
+
+    state = torch.get_rng_state()
+    assert torch.equal(dataset[(5, 77)][0], dataset[(5, 77)][0])
+    assert torch.equal(torch.get_rng_state(), state)  # the process's own generator is left alone
+    in_process = epoch(1, 3, workers=0)
+    for other in (epoch(1, 3, workers=1), epoch(1, 3, workers=2)):
+        assert len(other) == len(in_process) and all(torch.equal(a, b) for a, b in zip(other, in_process))
+    unseeded = [images for images, *_ in DataLoader(dataset, batch_sampler=sampler, num_workers=2)]
+    assert not all(torch.equal(a, b) for a, b in zip(unseeded, in_process))  # per-worker streams differ
+    for stage, number in ((2, 3), (1, 4)):  # another stage or epoch: other draws on the same images
+        sampler.set_epoch(3)
+        same_images = DataLoader(dataset, batch_sampler=SeededBatches(sampler, 0, stage, number), num_workers=0)
+        assert not all(torch.equal(a, b) for (a, *_), b in zip(same_images, in_process))
+
+
 def test_corrupt_image_stops_with_its_path_or_is_skipped(tmp_path: Path) -> None:
     _tree(tmp_path, MARKET)
     ds = load_dataset("market1501", tmp_path)

@@ -143,6 +143,16 @@ def test_stage2_from_stage1_checkpoint_leaves_main_branch_bit_identical(tiny_cfg
     assert side_keys and any(not torch.equal(after_state[k], stage1_state[k]) for k in side_keys if k in stage1_state)
 
 
+def test_the_number_of_workers_changes_nothing_a_run_computes(tiny_cfg, uninterrupted, tmp_path):
+    """data.workers is an environment key (no hash, a tag): 2 DataLoader workers train exactly what 0 do."""
+    result = train(tiny_cfg.with_overrides({"data.workers": 2}), tmp_path / "workers")
+
+    def computed(metrics: dict[str, float]) -> dict[str, float]:
+        return {k: v for k, v in metrics.items() if not k.startswith(("img_per_s/", "epoch_time_s/"))}
+
+    assert len(computed(result.metrics)) > 50 and computed(result.metrics) == computed(uninterrupted[0].metrics)
+
+
 def test_nan_loss_stops_naming_stage_epoch_and_term(tiny_cfg, tmp_path):
     cfg = tiny_cfg.with_overrides({"stage1.lr": 1e30, "runtime.nan_check_every": 1})
     with pytest.raises(NonFiniteLoss, match=r"stage 1 epoch 1: loss term\(s\) .*(ce|triplet|loss)"):

@@ -1,15 +1,17 @@
-"""ImageDataset: decoded, transformed images with (pid, camid, index)."""
+"""ImageDataset: decoded, transformed images with (pid, camid, index); SeededBatches: the training
+augmentations as a function of the run's seed and the image's place in the epoch, not of the worker."""
 
 from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 from torchvision.transforms.functional import to_tensor
 
 from pfe.data.datasets import Sample
@@ -41,9 +43,32 @@ def read_image(path: str) -> Image.Image:
         ) from None
 
 
-class ImageDataset(Dataset):
-    """``samples[i]`` -> (image tensor, pid, camid, index).
+class SeededBatches(Sampler[list[tuple[int, int]]]):
+    """A batch sampler whose indices each come with an augmentation seed drawn from
+    (seed, stage, epoch, batch number) alone, for :class:`ImageDataset`.
 
+    Without it every DataLoader worker draws the random flips, crops and erasings from its own RNG
+    stream, so the same config trained with another number of workers (``data.workers``, which may
+    differ from machine to machine) would see other augmentations. With it the draws are the same for
+    any number of workers and on a resumed epoch, as with ``data.cache=device``."""
+
+    def __init__(self, batches: Sampler[list[int]], seed: int, stage: int, epoch: int) -> None:
+        self.batches, self.key = batches, (seed, stage, epoch)
+
+    def __len__(self) -> int:
+        return len(self.batches)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for number, batch in enumerate(self.batches):
+            seeds = np.random.SeedSequence([*self.key, number]).generate_state(len(batch), dtype=np.uint64) >> 1
+            yield list(zip(batch, seeds.tolist()))
+
+
+class ImageDataset(Dataset):
+    """``samples[i]`` or ``samples[(i, seed)]`` -> (image tensor, pid, camid, index).
+
+    With a seed (from :class:`SeededBatches`) the transform draws its random numbers from a torch
+    generator state seeded with it, and the process's own RNG is left as it was.
     With ``skip_corrupt`` an unreadable image is reported once (a warning naming it) and replaced by
     the next readable sample, returned with that sample's own pid, camid and index, so batches keep
     their size and labels stay consistent; without it the DataError stops the run.
@@ -59,7 +84,8 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int, int, int]:
+        index, seed = key if isinstance(key, tuple) else (key, None)
         for step in range(len(self.samples)):
             i = (index + step) % len(self.samples)
             if i in self._bad:
@@ -73,6 +99,14 @@ class ImageDataset(Dataset):
                 self._bad.add(i)
                 warnings.warn(f"skipped (data.skip_corrupt): {err}", stacklevel=2)
                 continue
-            image = self.transform(img) if self.transform is not None else to_tensor(img)
-            return image, sample.pid, sample.camid, i
+            return self._transform(img, seed), sample.pid, sample.camid, i
         raise DataError(f"none of the {len(self.samples)} images could be read (first: {self.samples[0].path})")
+
+    def _transform(self, img: Image.Image, seed: int | None) -> torch.Tensor:
+        if self.transform is None:
+            return to_tensor(img)
+        if seed is None:
+            return self.transform(img)
+        with torch.random.fork_rng(devices=[]):  # the CPU generator only; restored afterwards
+            torch.manual_seed(seed)
+            return self.transform(img)

@@ -31,7 +31,7 @@ from pfe import losses
 from pfe.config import ExperimentConfig, _Recipe, dump_config, load_config
 from pfe.data.datasets import ReIDDataset, build_dataset
 from pfe.data.device_cache import DeviceTrainCache, epoch_generator
-from pfe.data.loader import ImageDataset, resolve_workers
+from pfe.data.loader import ImageDataset, SeededBatches, resolve_workers
 from pfe.data.sampler import PKSampler
 from pfe.data.transforms import build_test_transform, build_train_transform
 from pfe.engine import checkpoint as ckpt
@@ -292,7 +292,7 @@ class _Run:
             return self.train_cache.epoch(self.sampler, generator)
         return DataLoader(
             self.train_set,
-            batch_sampler=self.sampler,
+            batch_sampler=SeededBatches(self.sampler, self.cfg.runtime.seed, stage, epoch),
             num_workers=self.workers,
             pin_memory=self.device.type == "cuda",
             prefetch_factor=4 if self.workers else None,
