@@ -272,11 +272,18 @@ def test_seeded_batches_give_the_same_augmentations_with_any_number_of_workers(t
         loader = DataLoader(dataset, batch_sampler=SeededBatches(sampler, 0, stage, number), num_workers=workers)
         return [images for images, *_ in loader]
 
+    kept = SeededBatches(sampler, 0)  # one loader whose workers outlive the epochs, as the trainer's
+    persistent = DataLoader(dataset, batch_sampler=kept, num_workers=2, persistent_workers=True)
+    for number in (2, 3):
+        sampler.set_epoch(number)
+        kept.set_epoch(1, number)
+        last_of_kept = [images for images, *_ in persistent]
+
     state = torch.get_rng_state()
     assert torch.equal(dataset[(5, 77)][0], dataset[(5, 77)][0])
     assert torch.equal(torch.get_rng_state(), state)  # the process's own generator is left alone
     in_process = epoch(1, 3, workers=0)
-    for other in (epoch(1, 3, workers=1), epoch(1, 3, workers=2)):
+    for other in (epoch(1, 3, workers=1), epoch(1, 3, workers=2), last_of_kept):
         assert len(other) == len(in_process) and all(torch.equal(a, b) for a, b in zip(other, in_process))
     unseeded = [images for images, *_ in DataLoader(dataset, batch_sampler=sampler, num_workers=2)]
     assert not all(torch.equal(a, b) for a, b in zip(unseeded, in_process))  # per-worker streams differ

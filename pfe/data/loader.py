@@ -45,22 +45,29 @@ def read_image(path: str) -> Image.Image:
 
 class SeededBatches(Sampler[list[tuple[int, int]]]):
     """A batch sampler whose indices each come with an augmentation seed drawn from
-    (seed, stage, epoch, batch number) alone, for :class:`ImageDataset`.
+    (seed, stage, epoch, batch number) alone, for :class:`ImageDataset`; call ``set_epoch`` before
+    each epoch (and the wrapped sampler's own).
 
     Without it every DataLoader worker draws the random flips, crops and erasings from its own RNG
     stream, so the same config trained with another number of workers (``data.workers``, which may
     differ from machine to machine) would see other augmentations. With it the draws are the same for
-    any number of workers and on a resumed epoch, as with ``data.cache=device``."""
+    any number of workers, with workers kept from one epoch to the next, and on a resumed epoch, as
+    with ``data.cache=device``."""
 
-    def __init__(self, batches: Sampler[list[int]], seed: int, stage: int, epoch: int) -> None:
-        self.batches, self.key = batches, (seed, stage, epoch)
+    def __init__(self, batches: Sampler[list[int]], seed: int, stage: int = 1, epoch: int = 0) -> None:
+        self.batches, self.seed = batches, seed
+        self.set_epoch(stage, epoch)
+
+    def set_epoch(self, stage: int, epoch: int) -> None:
+        self.stage, self.epoch = stage, epoch
 
     def __len__(self) -> int:
         return len(self.batches)  # type: ignore[arg-type]
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        key = (self.seed, self.stage, self.epoch)
         for number, batch in enumerate(self.batches):
-            seeds = np.random.SeedSequence([*self.key, number]).generate_state(len(batch), dtype=np.uint64) >> 1
+            seeds = np.random.SeedSequence([*key, number]).generate_state(len(batch), dtype=np.uint64) >> 1
             yield list(zip(batch, seeds.tolist()))
 
 

@@ -268,6 +268,8 @@ class _Run:
         self.sampler = PKSampler(
             [s.pid for s in self.data.train], cfg.data.ids_per_batch, cfg.data.images_per_id, cfg.runtime.seed
         )
+        self.seeded_batches = SeededBatches(self.sampler, cfg.runtime.seed)
+        self.train_loader: DataLoader | None = None  # made on first use, then kept with its workers
         test_tf = build_test_transform(cfg.data.height, cfg.data.width)
         self.query_set = ImageDataset(self.data.query, test_tf, skip_corrupt=cfg.data.skip_corrupt)
         self.gallery_set = ImageDataset(self.data.gallery, test_tf, skip_corrupt=cfg.data.skip_corrupt)
@@ -290,13 +292,17 @@ class _Run:
         if self.train_cache is not None:
             generator = epoch_generator(self.device, self.cfg.runtime.seed, stage, epoch)
             return self.train_cache.epoch(self.sampler, generator)
-        return DataLoader(
-            self.train_set,
-            batch_sampler=SeededBatches(self.sampler, self.cfg.runtime.seed, stage, epoch),
-            num_workers=self.workers,
-            pin_memory=self.device.type == "cuda",
-            prefetch_factor=4 if self.workers else None,
-        )
+        self.seeded_batches.set_epoch(stage, epoch)
+        if self.train_loader is None:  # one loader for the run: its workers stay up from epoch to epoch
+            self.train_loader = DataLoader(
+                self.train_set,
+                batch_sampler=self.seeded_batches,
+                num_workers=self.workers,
+                pin_memory=self.device.type == "cuda",
+                prefetch_factor=4 if self.workers else None,
+                persistent_workers=self.workers > 0,
+            )
+        return self.train_loader
 
     # -- evaluation
     def evaluate(self, stage: int) -> dict[str, float]:
