@@ -269,7 +269,15 @@ class _Run:
             [s.pid for s in self.data.train], cfg.data.ids_per_batch, cfg.data.images_per_id, cfg.runtime.seed
         )
         self.seeded_batches = SeededBatches(self.sampler, cfg.runtime.seed)
-        self.train_loader: DataLoader | None = None  # made on first use, then kept with its workers
+        # one loader for the run: its workers start on the first epoch and stay up for the next ones
+        self.train_loader = DataLoader(
+            self.train_set,
+            batch_sampler=self.seeded_batches,
+            num_workers=self.workers,
+            pin_memory=self.device.type == "cuda",
+            prefetch_factor=4 if self.workers else None,
+            persistent_workers=self.workers > 0,
+        )
         test_tf = build_test_transform(cfg.data.height, cfg.data.width)
         self.query_set = ImageDataset(self.data.query, test_tf, skip_corrupt=cfg.data.skip_corrupt)
         self.gallery_set = ImageDataset(self.data.gallery, test_tf, skip_corrupt=cfg.data.skip_corrupt)
@@ -293,15 +301,6 @@ class _Run:
             generator = epoch_generator(self.device, self.cfg.runtime.seed, stage, epoch)
             return self.train_cache.epoch(self.sampler, generator)
         self.seeded_batches.set_epoch(stage, epoch)
-        if self.train_loader is None:  # one loader for the run: its workers stay up from epoch to epoch
-            self.train_loader = DataLoader(
-                self.train_set,
-                batch_sampler=self.seeded_batches,
-                num_workers=self.workers,
-                pin_memory=self.device.type == "cuda",
-                prefetch_factor=4 if self.workers else None,
-                persistent_workers=self.workers > 0,
-            )
         return self.train_loader
 
     # -- evaluation
