@@ -142,7 +142,41 @@ def test_fused_copy_merges_conv_relu_and_residual_ends(backbone: str, blocks: in
     assert relus_left == []
     images = torch.randn(2, 3, H, W)
     for got, want in zip(fused(images), folded(images)):
-        assert _rel(got, want) < 1e-6
+        assert _rel(got, want) < 1e-5  # fp32 rounding: the folded copy's SEB convs (1x1 maps) are GEMMs
+
+
+def test_folded_copy_runs_its_1x1_convs_as_gemms_on_nhwc_maps() -> None:
+    """frozen_main=folded: each 1x1 stride-1 conv (and the ReLU that is its only user) is one GEMM with the
+    bias (and ReLU) in its epilogue when the maps are channels_last, as on a GPU; the maps stay the same."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from pfe.model.frozen import PointwiseConv
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    model = _stage2_model("resnet50")
+    copy = fold_main_branch(model.backbone, model.attention).to(memory_format=torch.channels_last)
+    gemms = [m for m in copy.modules() if isinstance(m, PointwiseConv)]
+    originals = [m for m in [*model.backbone.modules(), *model.attention.modules()]
+                 if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1) and m.stride == (1, 1)]
+    assert len(gemms) == len(originals) == 16 * 2 + 2 + 4 * 4  # conv1, conv3; the stride-1 shortcuts (layer1; layer4, last stride 1); FAB, SEB
+    assert sum(m.relu for m in gemms) == 16 + 4 * 2  # each block's conv1; the first conv of FAB and SEB
+    images = torch.randn(2, 3, H, W).contiguous(memory_format=torch.channels_last)
+    with Ops() as ops:
+        maps = copy(images)
+    assert ops.seen.count("_addmm_activation.default") == 16 + 4 * 2
+    assert ops.seen.count("addmm.default") == len(gemms) - (16 + 4 * 2)
+    assert ops.seen.count("convolution.default") == 1 + 16 + 2  # the stem, each 3x3, the stride-2 shortcuts
+    for got, want in zip(maps, model.main_maps(images)):
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        assert _rel(got, want) < 1e-5
 
 
 def test_fused_copy_takes_fp32_images_with_bf16_weights() -> None:
