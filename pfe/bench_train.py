@@ -124,6 +124,10 @@ def bench_configs(sizes: Sizes, device: torch.device) -> dict[str, ExperimentCon
         "stage2_separable": base.with_overrides({"model.separable": True}),
         "stage2_unfolded": base.with_overrides({"runtime.frozen_main": "modules"}),
         "stage2_fused": base.with_overrides({"runtime.frozen_main": "fused"}),
+        "baseline_eager": base.with_overrides({"model.attention": "none", "model.side": "none",
+                                               "runtime.cuda_graph": False}),
+        "stage1_eager": base.with_overrides({"runtime.cuda_graph": False}),
+        "stage2_eager": base.with_overrides({"runtime.cuda_graph": False}),
         "stage1_compiled": base.with_overrides({"runtime.compile": True}),
         "stage2_compiled": base.with_overrides({"runtime.compile": True}),
     }
@@ -212,18 +216,19 @@ class BenchStep:
 def build_step(cfg: ExperimentConfig, stage: int, sizes: Sizes, device: torch.device, *,
                amp_dtype: torch.dtype | None | str = "auto", fused_adam: bool | None = None,
                frozen_forward_only: bool = False) -> BenchStep:
-    """The trainer's step (``train_step`` + the epoch loop's loss bookkeeping) on batches already on
-    the device; with ``frozen_forward_only``, stage II's frozen main branch alone (eval mode, no grad,
+    """The trainer's step (``make_train_step``: eager or, on a GPU by default, replayed from a CUDA graph;
+    + the epoch loop's loss bookkeeping) on batches already on the device; with ``frozen_forward_only``, stage II's frozen main branch alone (eval mode, no grad,
     autocast: the floor of a stage-II step). ``amp_dtype="auto"`` and ``fused_adam=None``: the trainer's
     choices for the device."""
     from pfe.engine.trainer import (
         LossTally,
         autocast_dtype,
         build_optimizer,
+        make_train_step,
         place_model,
         seed_everything,
         stage_loss_fn,
-        train_step,
+        uses_cuda_graph,
     )
     from pfe.model import build_model
 
@@ -242,12 +247,12 @@ def build_step(cfg: ExperimentConfig, stage: int, sizes: Sizes, device: torch.de
 
     params = list(model.main_branch_parameters() if stage == 1 else model.side_parameters())
     optimizer = build_optimizer(params, cfg.stage1 if stage == 1 else cfg.stage2, device, fused=fused_adam)
-    loss_fn = stage_loss_fn(cfg, stage)
+    train_step = make_train_step(model, optimizer, stage=stage, loss_fn=stage_loss_fn(cfg, stage), device=device,
+                                 amp_dtype=amp, cuda_graph=uses_cuda_graph(cfg, device))
     tally = LossTally()  # the epoch loop's bookkeeping
 
     def step(i: int) -> None:
-        images, pids = batches[i % len(batches)]
-        tally.add(train_step(model, optimizer, images, pids, stage=stage, loss_fn=loss_fn, device=device, amp_dtype=amp))
+        tally.add(train_step(*batches[i % len(batches)]))
 
     return BenchStep(step, optimizer, sum(p.numel() for p in params), lambda: not tally.non_finite())
 
@@ -361,11 +366,12 @@ def time_epochs(cfg: ExperimentConfig, sizes: Sizes, device: torch.device) -> di
         setup_s = time.perf_counter() - started
         run.model.set_stage(1)
         optimizer = build_optimizer(list(run.model.main_branch_parameters()), cfg.stage1, run.device)
+        train_step = run.stage_step(1, optimizer)
         epochs = []
         for epoch in range(1, sizes.epochs + 1):
             _sync(device)
             start = time.perf_counter()
-            metrics = run._train_epoch(1, epoch, optimizer)
+            metrics = run._train_epoch(1, epoch, optimizer, train_step)
             _sync(device)
             seconds = time.perf_counter() - start
             images = len(run.sampler) * cfg.data.batch_size
@@ -460,8 +466,10 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 # The step measurements, in the order the report lists them: the baseline first, the frozen forward last.
-STEP_MEASUREMENTS = ("baseline", "stage1", "stage2", "stage2_separable", "stage2_unfolded", "stage2_fused",
-                     "stage1_compiled", "stage2_compiled", "stage2_frozen_forward")
+STEP_MEASUREMENTS = ("baseline", "stage1", "stage2", "baseline_eager", "stage1_eager", "stage2_eager",
+                     "stage2_separable", "stage2_unfolded", "stage2_fused", "stage1_compiled", "stage2_compiled",
+                     "stage2_frozen_forward")
+GRAPHED = ("baseline", "stage1", "stage2")  # measured with the default runtime.cuda_graph and without
 
 
 def summarise(report: dict[str, Any]) -> None:
@@ -475,6 +483,9 @@ def summarise(report: dict[str, Any]) -> None:
         report[f"{name}_img_s"] = get(name)
     for name in STEP_MEASUREMENTS[1:-1]:  # every trained step against the baseline's
         report[f"{name}_vs_baseline"] = _ratio(report[f"{name}_img_s"], report["baseline_img_s"])
+    report["cuda_graph_speedup"] = {name: _ratio(get(name), get(f"{name}_eager")) for name in GRAPHED}
+    for name in ("stage1", "stage2"):  # the ratios as an eager trainer has them
+        report[f"{name}_eager_vs_baseline_eager"] = _ratio(get(f"{name}_eager"), get("baseline_eager"))
     report["step_from_tensors_img_s"] = get("stage1")
     report["epoch_from_jpeg_img_s"] = get("epoch_device_cache")
     report["epoch_from_jpeg_workers_img_s"] = get("epoch_workers")
@@ -501,9 +512,9 @@ def summarise(report: dict[str, Any]) -> None:
 
 
 def bench_train(device: str = "auto", quick: bool = False, out: str | Path | None = None,
-                log: Callable[[str], None] = print) -> dict[str, Any]:
+                log: Callable[[str], None] = print, compiled: bool = True) -> dict[str, Any]:
     """Run the training benchmark; returns the report (also written to ``out/bench_<device>[_quick].json``)."""
-    from pfe.engine.trainer import resolve_device
+    from pfe.engine.trainer import resolve_device, uses_cuda_graph
 
     dev = resolve_device(device)
     sizes = QUICK if quick else FULL
@@ -576,6 +587,10 @@ def bench_train(device: str = "auto", quick: bool = False, out: str | Path | Non
         measure("baseline", lambda: time_steps(configs["baseline"], 1, sizes, dev))
         measure("stage1", lambda: time_steps(configs["stage1"], 1, sizes, dev))
         measure("stage2", lambda: time_steps(configs["stage2"], 2, sizes, dev))
+        if uses_cuda_graph(configs["stage1"], dev):  # the same steps eager, to show what the graph buys
+            for name in GRAPHED:
+                measure(f"{name}_eager", lambda name=name: time_steps(configs[f"{name}_eager"], 2 if name == "stage2" else 1,
+                                                                      sizes, dev))
         measure("stage2_separable", lambda: time_steps(configs["stage2_separable"], 2, sizes, dev))
         measure("stage2_unfolded", lambda: time_steps(configs["stage2_unfolded"], 2, sizes, dev))
         measure("stage2_fused", lambda: time_steps(configs["stage2_fused"], 2, sizes, dev))
@@ -590,7 +605,7 @@ def bench_train(device: str = "auto", quick: bool = False, out: str | Path | Non
         measure(f"profile_{name}", lambda name=name, stage=stage: profile_step(configs[name], stage, sizes, dev))
     eval_size = sizes.eval_size if dev.type == "cuda" or quick else "market1501"
     measure("eval", lambda: time_eval(eval_size, dev, 1 if quick else 3))
-    if dev.type == "cuda":  # last: torch.compile takes a minute or more per variant before its first step
+    if dev.type == "cuda" and compiled:  # last: torch.compile takes a minute or more per variant before its first step
         measure("stage1_compiled", lambda: time_steps(configs["stage1_compiled"], 1, sizes, dev))
         measure("stage2_compiled", lambda: time_steps(configs["stage2_compiled"], 2, sizes, dev))
     save()
@@ -603,6 +618,9 @@ THROUGHPUT_ROWS = {
     "baseline": ("baseline (BoT)", "baseline: {net} BoT (BNNeck, CE + triplet), step on device tensors"),
     "stage1": ("stage I", "PFE stage I ({net} + TSAM), step on device tensors"),
     "stage2": ("stage II", "PFE stage II (frozen main branch; MFA, cascade, RO), step on device tensors"),
+    "baseline_eager": ("baseline, eager", "baseline, eager step (runtime.cuda_graph=false)"),
+    "stage1_eager": ("stage I, eager", "PFE stage I, eager step (runtime.cuda_graph=false)"),
+    "stage2_eager": ("stage II, eager", "PFE stage II, eager step (runtime.cuda_graph=false)"),
     "stage2_separable": ("stage II, MFA-dagger", "PFE stage II with MFA-dagger (separable 3x3)"),
     "stage2_unfolded": ("stage II, frozen_main=modules",
                         "PFE stage II, frozen main branch as checkpointed (runtime.frozen_main=modules)"),
@@ -704,8 +722,12 @@ def render_markdown(report: dict[str, Any]) -> str:
                      f"{_fmt(r.get('peak_mem_gb'), 2)} |")
     lines += ["", "Ratios: " + ", ".join(f"{k.replace('_', ' ')} {_fmt(report.get(k), 3)}" for k in (
         "stage1_vs_baseline", "stage2_vs_baseline", "stage2_fused_vs_baseline", "stage1_compiled_vs_baseline",
-        "stage2_compiled_vs_baseline",
+        "stage2_compiled_vs_baseline", "stage1_eager_vs_baseline_eager", "stage2_eager_vs_baseline_eager",
         "epoch_from_jpeg_vs_step_from_tensors", "epoch_workers_vs_step_from_tensors"))]
+    speedup = {k: v for k, v in report.get("cuda_graph_speedup", {}).items() if v is not None}
+    if speedup:
+        lines += ["", "CUDA graph (runtime.cuda_graph) against the eager step: "
+                  + ", ".join(f"{k} {v:.2f}x" for k, v in speedup.items())]
     firsts = {k: v["first_step_s"] for k, v in m.items() if "first_step_s" in v}
     if firsts:
         lines += ["", "First step (cuDNN autotuning; compilation where compiled), seconds: "
@@ -755,7 +777,7 @@ def cli_bench_train(args: Any) -> int:
     import sys
 
     out = Path(args.out)
-    report = bench_train(device=args.device, quick=args.quick, out=out,
+    report = bench_train(device=args.device, quick=args.quick, out=out, compiled=not getattr(args, "skip_compiled", False),
                          log=lambda message: print(message, file=sys.stderr, flush=True))
     stem = f"bench_{report['device']}" + ("_quick" if args.quick else "")
     sys.stdout.write(render_markdown(report))

@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu | cuda (default: cuda when present)")
     p.add_argument("--out", default="reports/bench", help="output folder for JSON and Markdown")
     p.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
+    p.add_argument("--skip-compiled", action="store_true",
+                   help="train: leave out the runtime.compile variants (a minute or more of compilation each)")
 
     p = subs["data"]
     data_sub = p.add_subparsers(dest="data_command", metavar="ACTION")

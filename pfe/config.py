@@ -168,6 +168,9 @@ class RuntimeConfig(_Section):
     compile: bool = Field(
         False, description="torch.compile the main branch, the side branches and stage II's folded main "
         "branch (fewer memory passes; the first steps of each stage take longer; results equal up to rounding)")
+    cuda_graph: bool = Field(
+        True, description="on a CUDA device, replay each training step from a CUDA graph (the host need not "
+        "launch its ~1,300 kernels one by one; pfe.engine.graphed); ignored on a CPU and with runtime.compile")
     frozen_main: Literal["modules", "folded", "fused"] = Field(
         "folded", description="how stage II runs the frozen main branch in training: the checkpointed modules, "
         "a copy with BN folded into the convs, or that copy with cuDNN conv+ReLU kernels (pfe.model.frozen; "
@@ -187,6 +190,7 @@ ENVIRONMENT_KEYS = frozenset(
         "runtime.nan_check_every",
         "runtime.frozen_main",
         "runtime.compile",
+        "runtime.cuda_graph",
     }
 )
 

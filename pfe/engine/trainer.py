@@ -36,6 +36,7 @@ from pfe.data.sampler import PKSampler
 from pfe.data.transforms import build_test_transform, build_train_transform
 from pfe.engine import checkpoint as ckpt
 from pfe.engine.evaluation import evaluate_features, extract_features
+from pfe.engine.graphed import GraphedTrainStep
 from pfe.errors import PFEError
 from pfe.model import PFENet, PFEOutput, build_model
 
@@ -182,22 +183,44 @@ def train_step(
     loss_fn: LossFn,
     device: torch.device,
     amp_dtype: torch.dtype | None,
+    autocast_cache: bool = True,
 ) -> dict[str, torch.Tensor]:
     """One optimiser step (forward under autocast, loss terms, backward, step); returns the terms.
 
     Nothing in it waits for the device: the caller decides when to look at the values.
+    ``autocast_cache=False``: autocast casts the weights at each use (needed inside a CUDA graph capture).
     """
     images = images.to(device, non_blocking=True)
     if device.type == "cuda":
         images = images.contiguous(memory_format=torch.channels_last)
     pids = pids.to(device, non_blocking=True)
-    with torch.autocast(device.type, amp_dtype, enabled=amp_dtype is not None):
+    with torch.autocast(device.type, amp_dtype, enabled=amp_dtype is not None, cache_enabled=autocast_cache):
         out = model(images, stage=stage)
     terms = loss_fn(out, pids)
     optimizer.zero_grad(set_to_none=True)
     terms["loss"].backward()
     optimizer.step()
     return terms
+
+
+TrainStep = Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
+
+
+def uses_cuda_graph(cfg: ExperimentConfig, device: torch.device) -> bool:
+    """runtime.cuda_graph applies on a CUDA device, and not with runtime.compile (which makes its own graphs)."""
+    return cfg.runtime.cuda_graph and device.type == "cuda" and not cfg.runtime.compile
+
+
+def make_train_step(model: PFENet, optimizer: torch.optim.Optimizer, *, stage: int, loss_fn: LossFn,
+                    device: torch.device, amp_dtype: torch.dtype | None, cuda_graph: bool) -> TrainStep:
+    """``step(images, pids) -> loss terms`` for one stage: :func:`train_step`, replayed from a CUDA graph
+    with ``cuda_graph`` (:class:`pfe.engine.graphed.GraphedTrainStep`)."""
+
+    def eager(images: torch.Tensor, pids: torch.Tensor, autocast_cache: bool = True) -> dict[str, torch.Tensor]:
+        return train_step(model, optimizer, images, pids, stage=stage, loss_fn=loss_fn, device=device,
+                          amp_dtype=amp_dtype, autocast_cache=autocast_cache)
+
+    return GraphedTrainStep(eager, optimizer, device) if cuda_graph else eager
 
 
 class LossTally:
@@ -336,6 +359,8 @@ class _Run:
         if start_state is not None and start_state["stage"] == stage:
             model.load_state_dict(start_state["model"])
             optimizer.load_state_dict(start_state["optimizer"])
+            for group in optimizer.param_groups:  # as this run steps it (a graphed run saved True)
+                group["capturable"] = False
             scheduler.load_state_dict(start_state["scheduler"])
             ckpt.set_rng_state(start_state["rng"])
             first_epoch = start_state["epoch"] + 1
@@ -347,9 +372,10 @@ class _Run:
             self.hooks.on_epoch_end(stage, 0, metrics, None)
             self.log(f"stage 1 epoch 0 (untrained): {_summary(metrics)}")
 
+        train_step = self.stage_step(stage, optimizer)
         started = time.perf_counter()
         for epoch in range(first_epoch, recipe.epochs + 1):
-            epoch_metrics = self._train_epoch(stage, epoch, optimizer)
+            epoch_metrics = self._train_epoch(stage, epoch, optimizer, train_step)
             scheduler.step()
             if epoch == recipe.epochs or (cfg.eval.interval and epoch % cfg.eval.interval == 0):
                 epoch_metrics.update(self.evaluate(stage))
@@ -369,19 +395,23 @@ class _Run:
         self.hooks.on_stage_end(stage, metrics, final)
         return metrics
 
-    def _train_epoch(self, stage: int, epoch: int, optimizer: torch.optim.Optimizer) -> dict[str, float]:
-        cfg, model, device = self.cfg, self.model, self.device
+    def stage_step(self, stage: int, optimizer: torch.optim.Optimizer) -> TrainStep:
+        """The stage's training step (eager, or replayed from a CUDA graph: runtime.cuda_graph)."""
+        graphed = uses_cuda_graph(self.cfg, self.device)
+        if graphed:
+            self.log(f"stage {stage}: the training step runs from a CUDA graph (runtime.cuda_graph)")
+        return make_train_step(self.model, optimizer, stage=stage, loss_fn=stage_loss_fn(self.cfg, stage),
+                               device=self.device, amp_dtype=self.amp_dtype, cuda_graph=graphed)
+
+    def _train_epoch(self, stage: int, epoch: int, optimizer: torch.optim.Optimizer, train_step: TrainStep) -> dict[str, float]:
+        cfg, model = self.cfg, self.model
         loader = self._train_batches(stage, epoch)
-        loss_fn = stage_loss_fn(cfg, stage)
         model.train()
         tally = LossTally()
         images_seen = 0
         started = time.perf_counter()
         for step, (images, pids, _, _) in enumerate(loader, start=1):
-            terms = train_step(
-                model, optimizer, images, pids, stage=stage, loss_fn=loss_fn, device=device, amp_dtype=self.amp_dtype
-            )
-            tally.add(terms)  # on the device: no host sync per step
+            tally.add(train_step(images, pids))  # on the device: no host sync per step
             images_seen += images.shape[0]
             if step % cfg.runtime.nan_check_every == 0:
                 self._check_finite(tally, stage, epoch)
