@@ -171,10 +171,10 @@ class RuntimeConfig(_Section):
     cuda_graph: bool = Field(
         True, description="on a CUDA device, replay each training step from a CUDA graph (the host need not "
         "launch its ~1,300 kernels one by one; pfe.engine.graphed); ignored on a CPU and with runtime.compile")
-    frozen_main: Literal["modules", "folded", "fused"] = Field(
-        "folded", description="how stage II runs the frozen main branch in training: the checkpointed modules, "
+    frozen_main: Literal["auto", "modules", "folded", "fused"] = Field(
+        "auto", description="how stage II runs the frozen main branch in training: the checkpointed modules, "
         "a copy with BN folded into the convs, or that copy with cuDNN conv+ReLU kernels (pfe.model.frozen; "
-        "results equal up to rounding)")
+        "results equal up to rounding); auto: fused when the step is replayed from a CUDA graph, else folded")
 
 
 # Keys that never change what a run computes (paths, hosts, devices, logging). They are not

@@ -162,3 +162,22 @@ def test_channels_last_output_holds_the_same_values(cache) -> None:
                          channels_last=True)
     assert last.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(dense, last)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_an_epoch_on_a_gpu_never_waits_for_the_device(synth) -> None:
+    """After the first batch (which makes the normalisation constants), augmenting a batch launches work
+    and returns: a host sync per batch drains the GPU's queue between training steps."""
+    data = load_dataset("synthreid", synth)
+    gpu = torch.device("cuda")
+    cache = DeviceTrainCache.build(data.train, H, W, gpu, flip_prob=0.5, erasing_prob=0.5, pad=4, workers=0)
+    generator = epoch_generator(gpu, 0, 1, 1)
+    list(cache.epoch([[0, 1]], generator))
+    rows = torch.arange(6, device=gpu).view(3, 2)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        batches = [cache.batch(indices, generator) for indices in rows]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert [b[0].shape for b in batches] == [(2, 3, H, W)] * 3
