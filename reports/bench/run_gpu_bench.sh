@@ -1,22 +1,26 @@
 #!/usr/bin/env bash
-# Issue 9's GPU benchmark, one shot, on the device machine (about 5-7 minutes on an H100; capped
-# at PFE_BENCH_TIMEOUT seconds, 520 by default, so the whole call stays under 10 minutes).
+# Issue 9's GPU checks and benchmark, one shot, on the device machine (about 4-6 minutes on an H200;
+# the bench is capped at PFE_BENCH_TIMEOUT seconds, 450 by default, so the whole call stays under 10).
 #
 # 1. Here, once per session (pip access needed):   bash reports/bench/fetch_wheels.sh
 # 2. The device call (the `run` tool), from the repo root:
 #        command: bash reports/bench/run_gpu_bench.sh      carry: [".whl"]      timeout_s: 590
-# 3. Copy the files that come back (bench_cuda.json/.md, eval_cuda.*, rerank_cuda.*, log.txt) into
-#    reports/bench/, draw the figure here (`pfe-study bench plot --out reports/bench`: bench_cuda.png; the
-#    device returns at most 8 files, so it is not made there) and commit them with the figures in the note.
+# 3. Copy the files that come back (bench_cuda.json/.md, eval_cuda.*, rerank_cuda.*, log.txt,
+#    pytest_cuda.txt) into reports/bench/ (log.txt as log_cuda.txt), draw the figure here
+#    (`pfe-study bench plot --out reports/bench`: bench_cuda.png; the device returns at most 8 files,
+#    so it is not made there) and commit them with the figures in the note.
 #
-# What runs: `python3 -m pfe.cli bench --device cuda --out $OUT/bench`, i.e. `bench train` first
-# (baseline, stage I, stage II, MFA-dagger, stage II with runtime.frozen_main=modules and =fused,
-# steps on device tensors; two stage-I epochs of a generated SynthReID JPEG set through
-# data.cache=device and through DataLoader workers; the MSMT17-size evaluation; host-sync counts;
-# peak memory; last, stages I and II with runtime.compile, a minute or more of compilation each),
-# then `bench eval` and `bench rerank`. Predictions to compare with: reports/bench/NOTES.md.
-# bench_cuda.json is rewritten after every measurement, so a run cut short keeps what it measured.
-# The project runs from the source tree (PYTHONPATH=.); pydantic and its deps come from .whl/.
+# What runs: first the GPU-only tests (tests/test_cuda_graph.py, the device cache's no-sync test, the
+# CUDA evaluation test; about a minute), then `python3 -m pfe.cli bench --device cuda --out $OUT/bench`:
+# `bench train` (baseline, stage I, stage II with the defaults: CUDA graph, frozen_main=auto; the same
+# three steps eager; MFA-dagger; stage II with runtime.frozen_main=modules and with the copy auto did
+# not pick; stage II's frozen forward alone; two stage-I epochs of a generated SynthReID JPEG set through
+# data.cache=device and through DataLoader workers; profiles; the MSMT17-size evaluation; last, stages I
+# and II with runtime.compile, a minute or more of compilation each: PFE_BENCH_ARGS="--device cuda
+# --skip-compiled" leaves them out), then `bench eval` and `bench rerank`. What earlier runs measured:
+# reports/bench/NOTES.md. bench_cuda.json is rewritten after every measurement, so a run cut short keeps
+# what it measured. The project runs from the source tree (PYTHONPATH=.); pydantic and its deps come
+# from .whl/.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/pfe-bench-out}
@@ -36,15 +40,19 @@ import torch, pydantic, pfe.config, pfe.engine.trainer  # noqa: F401  (fails fas
 print(f"torch {torch.__version__} cuda {torch.version.cuda} pydantic {pydantic.VERSION}; "
       f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'NO CUDA DEVICE'}")
 EOF
+timeout "${PFE_TEST_TIMEOUT:-120}" python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph.py \
+  tests/test_device_cache.py::test_an_epoch_on_a_gpu_never_waits_for_the_device tests/test_evaluation.py::test_cuda_matches_cpu \
+  > "$OUT/bench/pytest_cuda.txt" 2>&1
+echo "GPU tests: exit status $? ($(tail -1 "$OUT/bench/pytest_cuda.txt"))"
 nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,clocks.max.sm,temperature.gpu,power.draw \
   --format=csv 2>&1 | tee "$OUT/bench/log.txt"
 # PFE_BENCH_ARGS only for a dry run elsewhere, e.g. PFE_BENCH_ARGS="train --device cpu --quick"
 # shellcheck disable=SC2086
-timeout "${PFE_BENCH_TIMEOUT:-520}" python3 -m pfe.cli bench ${PFE_BENCH_ARGS:---device cuda} --out "$OUT/bench" 2>&1 \
+timeout "${PFE_BENCH_TIMEOUT:-450}" python3 -m pfe.cli bench ${PFE_BENCH_ARGS:---device cuda} --out "$OUT/bench" 2>&1 \
   | tee -a "$OUT/bench/log.txt"
 rc=${PIPESTATUS[0]}
 rm -f "$OUT"/bench/*.png  # drawn here from the JSON (pfe-study bench plot): the device returns at most 8 files
-echo "=== exit status $rc (124: cut at ${PFE_BENCH_TIMEOUT:-520} s) ==="
+echo "=== exit status $rc (124: cut at ${PFE_BENCH_TIMEOUT:-450} s) ==="
 for f in "$OUT"/bench/bench_*.json; do
   echo "=== $f ==="
   cat "$f" 2>/dev/null || echo "(not written)"
