@@ -176,6 +176,12 @@ class RuntimeConfig(_Section):
         "a copy with BN folded into the convs, or that copy with cuDNN conv+ReLU kernels (pfe.model.frozen; "
         "results equal up to rounding); auto: fused when the step is replayed from a CUDA graph, else folded")
 
+    @property
+    def graphed_step(self) -> bool:
+        """Whether a CUDA device runs the training step from a CUDA graph: cuda_graph, unless compile
+        (Inductor's code makes its own)."""
+        return self.cuda_graph and not self.compile
+
 
 # Keys that never change what a run computes (paths, hosts, devices, logging). They are not
 # hashed and, in MLflow, they are tags rather than params: they may change when a run resumes.

@@ -74,7 +74,9 @@ class GraphedTrainStep:
         self._images = torch.empty_like(images, device=self.device, memory_format=torch.channels_last).copy_(images)
         self._pids = torch.empty_like(pids, device=self.device).copy_(pids)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # DataLoader pin-memory threads run on
+        # thread_local: the DataLoader's pin-memory thread keeps making CUDA calls meanwhile, which would
+        # invalidate a process-wide capture (seen on the H200 as cudaErrorStreamCaptureInvalidated)
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self._terms = self.eager_step(self._images, self._pids, autocast_cache=False)
         self._graph = graph
         self.captures += 1

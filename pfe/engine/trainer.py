@@ -207,8 +207,8 @@ TrainStep = Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
 
 
 def uses_cuda_graph(cfg: ExperimentConfig, device: torch.device) -> bool:
-    """runtime.cuda_graph applies on a CUDA device, and not with runtime.compile (which makes its own graphs)."""
-    return cfg.runtime.cuda_graph and device.type == "cuda" and not cfg.runtime.compile
+    """runtime.cuda_graph applies on a CUDA device, and not with runtime.compile."""
+    return cfg.runtime.graphed_step and device.type == "cuda"
 
 
 def make_train_step(model: PFENet, optimizer: torch.optim.Optimizer, *, stage: int, loss_fn: LossFn,

@@ -36,7 +36,7 @@ def frozen_main_mode(runtime: RuntimeConfig) -> str:
     (eager: 21.0 ms against 23.3 fused). On a CPU both run the folded copy."""
     if runtime.frozen_main != "auto":
         return runtime.frozen_main
-    return "fused" if runtime.cuda_graph and not runtime.compile else "folded"
+    return "fused" if runtime.graphed_step else "folded"
 
 
 __all__ = ["PFENet", "PFEOutput", "build_model", "frozen_main_mode"]

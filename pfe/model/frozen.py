@@ -5,7 +5,7 @@ forward (the floor of a stage-II step) can then skip work that the checkpointed 
 every step. ``runtime.frozen_main`` picks how much:
 
 - ``modules``: run the checkpointed modules as they are;
-- ``folded`` (default): an inference copy with every BatchNorm that follows a convolution folded into
+- ``folded``: an inference copy with every BatchNorm that follows a convolution folded into
   it (``torch.fx.experimental.optimization.fuse``: w' = w * gamma / sqrt(var + eps),
   b' = (b - mean) * gamma / sqrt(var + eps) + beta) and the weights stored in the autocast dtype, so
   autocast does not cast them on every step: one pass over each activation and ~70 kernels fewer.
@@ -16,7 +16,9 @@ every step. ``runtime.frozen_main`` picks how much:
   kernels (``torch.cudnn_convolution_relu`` / ``cudnn_convolution_add_relu``) on a GPU, two more passes
   fewer per residual block. On its first GPU batch it is checked against the folded copy; if cuDNN has
   no such kernel for this dtype or the maps differ, it warns and stays ``folded``. On a CPU it computes
-  exactly what ``folded`` does.
+  exactly what ``folded`` does;
+- ``auto`` (the config's default, resolved by :func:`pfe.model.frozen_main_mode`): ``fused`` when the
+  training step is replayed from a CUDA graph, else ``folded``: fastest each way on an H200.
 
 :class:`FrozenMainBranch` keeps the copy and rebuilds it whenever what it was made from changes: the
 device, the dtype, the autocast dtype, or any weight or BN statistic (through the tensors' in-place
