@@ -125,6 +125,24 @@ class PointwiseConv(nn.Module):
         return y.view(n, h, w, c.out_channels).permute(0, 3, 1, 2)  # channels_last, no copy
 
 
+def _substitute(graph: fx.GraphModule, name: str, module: nn.Module, args: tuple, nodes: list[fx.Node]) -> None:
+    """Call ``module`` (added as ``name``) on ``args`` in place of ``nodes``, a chain whose first node's
+    output is the chain's result and whose other nodes are used only inside it."""
+    graph.add_submodule(name, module)
+    with graph.graph.inserting_before(nodes[0]):
+        new = graph.graph.call_module(name, args)
+    nodes[0].replace_all_uses_with(new)
+    for node in nodes:
+        graph.graph.erase_node(node)
+
+
+def _recompiled(graph: fx.GraphModule) -> fx.GraphModule:
+    graph.graph.lint()
+    graph.delete_all_unused_submodules()
+    graph.recompile()
+    return graph
+
+
 def pointwise_convs_as_gemm(graph: fx.GraphModule) -> fx.GraphModule:
     """Replace every 1x1 stride-1 conv with a :class:`PointwiseConv`, taking in a ReLU that is its only user."""
     modules = dict(graph.named_modules())
@@ -134,19 +152,9 @@ def pointwise_convs_as_gemm(graph: fx.GraphModule) -> fx.GraphModule:
         users = list(node.users)
         relu = (len(users) == 1 and users[0].op == "call_module"
                 and isinstance(modules[users[0].target], nn.ReLU))
-        name = f"{node.target}_gemm".replace(".", "_")
-        graph.add_submodule(name, PointwiseConv(modules[node.target], relu))
-        with graph.graph.inserting_before(node):
-            gemm = graph.graph.call_module(name, node.args)
-        replaced = users[0] if relu else node
-        replaced.replace_all_uses_with(gemm)
-        if relu:
-            graph.graph.erase_node(replaced)
-        graph.graph.erase_node(node)
-    graph.graph.lint()
-    graph.delete_all_unused_submodules()
-    graph.recompile()
-    return graph
+        _substitute(graph, f"{node.target}_gemm".replace(".", "_"), PointwiseConv(modules[node.target], relu),
+                    node.args, [users[0], node] if relu else [node])
+    return _recompiled(graph)
 
 
 def fuse_conv_relu(graph: fx.GraphModule) -> fx.GraphModule:
@@ -171,19 +179,9 @@ def fuse_conv_relu(graph: fx.GraphModule) -> fx.GraphModule:
             kind = ConvAddReLU
         if conv is None:
             continue
-        name = f"{conv.target}_relu".replace(".", "_")
-        graph.add_submodule(name, kind(modules[conv.target]))
-        with graph.graph.inserting_before(node):
-            fused = graph.graph.call_module(name, (conv.args[0], *extra))
-        node.replace_all_uses_with(fused)
-        graph.graph.erase_node(node)
-        if source is not conv:
-            graph.graph.erase_node(source)
-        graph.graph.erase_node(conv)
-    graph.graph.lint()
-    graph.delete_all_unused_submodules()
-    graph.recompile()
-    return graph
+        _substitute(graph, f"{conv.target}_relu".replace(".", "_"), kind(modules[conv.target]),
+                    (conv.args[0], *extra), [node, source, conv] if source is not conv else [node, conv])
+    return _recompiled(graph)
 
 
 def fold_main_branch(backbone: nn.Module, attention: nn.ModuleList, dtype: torch.dtype | None = None,
