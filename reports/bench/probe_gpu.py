@@ -1,7 +1,11 @@
 """Session 4's second GPU call: where stage I's and stage II's device time goes, and what three candidate
 fixes would buy, so that the next changes are chosen from measurements (issue 9).
 
-Run from the repo root: ``PYTHONPATH=. python3 reports/bench/probe_gpu.py OUT_DIR [--quick]``.
+Run from the repo root: ``PYTHONPATH=. python3 reports/bench/probe_gpu.py OUT_DIR [--quick] [--session5]``.
+``--session5`` (prepared for the next GPU session, not run yet) measures instead the op profiles, the
+1x1 convs, and stage I / II with torch.compile (the attention blocks alone, or all that runtime.compile
+compiles) inside the CUDA graph: compiled code made TSAM slower in eager mode, where its host cost
+counted; inside a graph only its kernels do.
 Writes ``OUT_DIR/probe_<device>.json`` after every measurement (a run cut short keeps what it has).
 
 1. ``ops_*``: the step's device time per aten op and input shapes (torch.profiler, record_shapes), to
@@ -20,8 +24,9 @@ import json
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -110,13 +115,14 @@ def timed(step: Callable[[int], None], sizes: Any, device: torch.device) -> dict
             "runs_s": [round(r, 4) for r in runs]}
 
 
-def graphed(cfg: Any, stage: int, sizes: Any, device: torch.device) -> dict[str, Any]:
+def graphed(cfg: Any, stage: int, sizes: Any, device: torch.device,
+            tweak: Callable[[Any], None] | None = None) -> dict[str, Any]:
     """The whole step in one CUDA graph (the PyTorch docs' whole-network capture), replayed."""
-    step, _ = make_step(cfg, stage, sizes, device, capturable=True)
+    step, _ = make_step(cfg, stage, sizes, device, capturable=True, tweak=tweak)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        for i in range(sizes.warmup):
+        for _ in range(sizes.warmup):
             step(0)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
@@ -127,14 +133,50 @@ def graphed(cfg: Any, stage: int, sizes: Any, device: torch.device) -> dict[str,
     return result
 
 
-def tsam_compiled(cfg: Any, sizes: Any, device: torch.device) -> dict[str, Any]:
-    def tweak(model: Any) -> None:
-        torch._dynamo.config.cache_size_limit = max(16, torch._dynamo.config.cache_size_limit)
-        for i, block in enumerate(model.attention):
-            model.attention[i] = torch.compile(block)
+def compile_attention(model: Any) -> None:
+    """torch.compile each attention block (TSAM's gates fused by Inductor); the backbone stays eager."""
+    torch._dynamo.config.cache_size_limit = max(16, torch._dynamo.config.cache_size_limit)
+    for i, block in enumerate(model.attention):
+        model.attention[i] = torch.compile(block)
 
-    step, _ = make_step(cfg, 1, sizes, device, tweak=tweak)
+
+def compile_all(model: Any) -> None:
+    """What runtime.compile does: the main branch, the side branches and the folded copy."""
+    model.compile_blocks()
+
+
+def tsam_compiled(cfg: Any, sizes: Any, device: torch.device) -> dict[str, Any]:
+    step, _ = make_step(cfg, 1, sizes, device, tweak=compile_attention)
     return timed(step, sizes, device)
+
+
+def _conv_against_gemm(device: torch.device, batch: int, cin: int, cout: int, h: int, w: int) -> dict[str, float]:
+    x = torch.randn(batch, cin, h, w, device=device, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(cout, cin, 1, 1, device=device, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    bias = torch.randn(cout, device=device, dtype=torch.bfloat16)
+
+    def conv() -> torch.Tensor:
+        return F.relu_(F.conv2d(x, weight, bias))
+
+    def gemm() -> torch.Tensor:
+        rows = x.permute(0, 2, 3, 1).reshape(-1, cin)  # NHWC: a view
+        y = torch._addmm_activation(bias, rows, weight.view(cout, cin).t(), use_gelu=False)
+        return y.view(batch, h, w, cout).permute(0, 3, 1, 2)
+
+    with torch.no_grad():
+        out: dict[str, float] = {"rel_diff": ((conv().float() - gemm().float()).norm() / conv().float().norm()).item()}
+        for label, fn in (("conv_bias_relu_ms", conv), ("gemm_epilogue_ms", gemm)):
+            for _ in range(5):
+                fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(50):
+                fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            out[label] = 1000 * (time.perf_counter() - start) / 50
+    return out
 
 
 def conv1x1(device: torch.device, batch: int) -> dict[str, Any]:
@@ -145,37 +187,7 @@ def conv1x1(device: torch.device, batch: int) -> dict[str, Any]:
         "l3_conv1": (1024, 256, 24, 12), "l3_conv3": (256, 1024, 24, 12),
         "l4_conv1": (2048, 512, 24, 12), "l4_conv3": (512, 2048, 24, 12),
     }
-    out: dict[str, Any] = {}
-    for name, (cin, cout, h, w) in shapes.items():
-        x = torch.randn(batch, cin, h, w, device=device, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
-        weight = torch.randn(cout, cin, 1, 1, device=device, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
-        bias = torch.randn(cout, device=device, dtype=torch.bfloat16)
-        w2 = weight.view(cout, cin)
-
-        def conv() -> torch.Tensor:
-            return F.relu_(F.conv2d(x, weight, bias))
-
-        def gemm() -> torch.Tensor:
-            rows = x.permute(0, 2, 3, 1).reshape(-1, cin)  # NHWC: a view
-            y = torch._addmm_activation(bias, rows, w2.t(), use_gelu=False)
-            return y.view(batch, h, w, cout).permute(0, 3, 1, 2)
-
-        with torch.no_grad():
-            diff = ((conv().float() - gemm().float()).norm() / conv().float().norm()).item()
-            times = {}
-            for label, fn in (("conv_bias_relu_ms", conv), ("gemm_epilogue_ms", gemm)):
-                for _ in range(5):
-                    fn()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                for _ in range(50):
-                    fn()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                times[label] = 1000 * (time.perf_counter() - start) / 50
-        out[name] = {**times, "rel_diff": diff}
-    return out
+    return {name: _conv_against_gemm(device, batch, *shape) for name, shape in shapes.items()}
 
 
 def main() -> int:
@@ -206,6 +218,12 @@ def main() -> int:
     if device.type == "cuda":
         for name, stage in (("baseline", 1), ("stage1", 1), ("stage2", 2)):
             measure(f"graph_{name}", lambda name=name, stage=stage: graphed(configs[name], stage, sizes, device))
+    if "--session5" in sys.argv and device.type == "cuda":  # compiled code inside the CUDA graph: fusion without its host cost
+        for name, tweak, stage in (("graph_stage1_tsam_compiled", compile_attention, 1),
+                                   ("graph_stage1_compiled", compile_all, 1),
+                                   ("graph_stage2_compiled", compile_all, 2)):
+            measure(name, lambda tweak=tweak, stage=stage: graphed(configs[f"stage{stage}"], stage, sizes, device, tweak))
+        return 0
     measure("tsam_compiled", lambda: tsam_compiled(configs["stage1"], sizes, device))
     return 0
 
