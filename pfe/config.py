@@ -179,7 +179,8 @@ class RuntimeConfig(_Section):
     @property
     def graphed_step(self) -> bool:
         """Whether a CUDA device runs the training step from a CUDA graph: cuda_graph, unless compile
-        (Inductor's code makes its own)."""
+        (compiled code inside a captured graph is not tested yet; reports/bench/probe_gpu.py --session5
+        measures it)."""
         return self.cuda_graph and not self.compile
 
 
