@@ -34,7 +34,7 @@ import tempfile
 import time
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -99,9 +99,9 @@ QUICK = Sizes(height=64, width=32, ids_per_batch=4, images_per_id=2, backbone="r
 
 def bench_configs(sizes: Sizes, device: torch.device) -> dict[str, ExperimentConfig]:
     """The configs measured: baseline, stage I (TSAM), stage II (MFA, cascade, RO), MFA-dagger, stage II
-    with the frozen main branch run as checkpointed (no BN folding) and with cuDNN conv+ReLU kernels,
-    and stages I and II with runtime.compile (torch.compile of the main branch, side branches and
-    folded main branch; measured on a GPU only)."""
+    with the frozen main branch run as checkpointed (no BN folding) and with cuDNN conv+ReLU kernels;
+    the steps eager (no CUDA graph, nothing compiled), graphed without compiling (runtime.compile=off, to
+    show what the default ``regions`` buys) and with everything compiled (runtime.compile=all; a GPU only)."""
     overrides: dict[str, Any] = {
         "data.height": sizes.height,
         "data.width": sizes.width,
@@ -129,8 +129,12 @@ def bench_configs(sizes: Sizes, device: torch.device) -> dict[str, ExperimentCon
                                                "runtime.cuda_graph": False}),
         "stage1_eager": base.with_overrides({"runtime.cuda_graph": False}),
         "stage2_eager": base.with_overrides({"runtime.cuda_graph": False}),
-        "stage1_compiled": base.with_overrides({"runtime.compile": True}),
-        "stage2_compiled": base.with_overrides({"runtime.compile": True}),
+        "stage1_uncompiled": base.with_overrides({"runtime.compile": "off"}),
+        "stage2_uncompiled": base.with_overrides({"runtime.compile": "off"}),
+        "baseline_compiled": base.with_overrides({"model.attention": "none", "model.side": "none",
+                                                  "runtime.compile": "all"}),
+        "stage1_compiled": base.with_overrides({"runtime.compile": "all"}),
+        "stage2_compiled": base.with_overrides({"runtime.compile": "all"}),
     }
 
 
@@ -233,10 +237,10 @@ def build_step(cfg: ExperimentConfig, stage: int, sizes: Sizes, device: torch.de
         stage_loss_fn,
         uses_cuda_graph,
     )
-    from pfe.model import build_model
+    from pfe.model import build_model, compile_mode
 
     seed_everything(cfg.runtime.seed, cfg.runtime.deterministic)  # cudnn.benchmark as the trainer sets it
-    model = place_model(build_model(cfg, sizes.num_classes), device, cfg.runtime.compile)
+    model = place_model(build_model(cfg, sizes.num_classes), device, compile_mode(cfg.runtime, device))
     model.set_stage(stage)
     model.train()  # in stage 2 the main branch stays in eval mode
     amp = autocast_dtype(cfg.runtime.precision, device) if amp_dtype == "auto" else amp_dtype
@@ -469,10 +473,11 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 # The step measurements, in the order the report lists them: the baseline first, the frozen forward last.
-STEP_MEASUREMENTS = ("baseline", "stage1", "stage2", "baseline_eager", "stage1_eager", "stage2_eager",
-                     "stage2_separable", "stage2_unfolded", "stage2_folded", "stage2_fused", "stage1_compiled",
-                     "stage2_compiled", "stage2_frozen_forward")
+STEP_MEASUREMENTS = ("baseline", "stage1", "stage2", "stage1_uncompiled", "stage2_uncompiled", "baseline_eager",
+                     "stage1_eager", "stage2_eager", "stage2_separable", "stage2_unfolded", "stage2_folded",
+                     "stage2_fused", "baseline_compiled", "stage1_compiled", "stage2_compiled", "stage2_frozen_forward")
 GRAPHED = ("baseline", "stage1", "stage2")  # measured with the default runtime.cuda_graph and without
+COMPILED = ("stage1", "stage2")  # measured with the default runtime.compile (regions) and without
 
 
 def summarise(report: dict[str, Any]) -> None:
@@ -487,8 +492,10 @@ def summarise(report: dict[str, Any]) -> None:
     for name in STEP_MEASUREMENTS[1:-1]:  # every trained step against the baseline's
         report[f"{name}_vs_baseline"] = _ratio(report[f"{name}_img_s"], report["baseline_img_s"])
     report["cuda_graph_speedup"] = {name: _ratio(get(name), get(f"{name}_eager")) for name in GRAPHED}
-    for name in ("stage1", "stage2"):  # the ratios as an eager trainer has them
+    report["compile_regions_speedup"] = {name: _ratio(get(name), get(f"{name}_uncompiled")) for name in COMPILED}
+    for name in ("stage1", "stage2"):  # the ratios with an eager trainer, and with everything compiled
         report[f"{name}_eager_vs_baseline_eager"] = _ratio(get(f"{name}_eager"), get("baseline_eager"))
+        report[f"{name}_compiled_vs_baseline_compiled"] = _ratio(get(f"{name}_compiled"), get("baseline_compiled"))
     report["step_from_tensors_img_s"] = get("stage1")
     report["epoch_from_jpeg_img_s"] = get("epoch_device_cache")
     report["epoch_from_jpeg_workers_img_s"] = get("epoch_workers")
@@ -515,10 +522,12 @@ def summarise(report: dict[str, Any]) -> None:
 
 
 def bench_train(device: str = "auto", quick: bool = False, out: str | Path | None = None,
-                log: Callable[[str], None] = print, compiled: bool = True) -> dict[str, Any]:
-    """Run the training benchmark; returns the report (also written to ``out/bench_<device>[_quick].json``)."""
+                log: Callable[[str], None] = print, compiled: bool = True,
+                only: Collection[str] | None = None) -> dict[str, Any]:
+    """Run the training benchmark; returns the report (also written to ``out/bench_<device>[_quick].json``).
+    ``only``: the measurements to make (names as in the report), all by default."""
     from pfe.engine.trainer import resolve_device, uses_cuda_graph
-    from pfe.model import frozen_main_mode
+    from pfe.model import compile_mode, frozen_main_mode
 
     dev = resolve_device(device)
     sizes = QUICK if quick else FULL
@@ -561,6 +570,8 @@ def bench_train(device: str = "auto", quick: bool = False, out: str | Path | Non
             (out_dir / f"{stem}.md").write_text(render_markdown(report))
 
     def measure(name: str, fn: Callable[[], dict[str, Any]]) -> None:
+        if only is not None and name not in only:
+            return
         started = time.perf_counter()
         try:
             report["measurements"][name] = fn()
@@ -575,7 +586,8 @@ def bench_train(device: str = "auto", quick: bool = False, out: str | Path | Non
         root = Path(tmp) / "synthreid"
         started = time.perf_counter()
         try:  # on the CPUs, before any GPU work (no interference with the timings)
-            make_synth_set(root, sizes.synth_ids_train, sizes.synth_images_per_id, parts=1 if quick else workers)
+            if only is None or any(name.startswith("epoch") for name in only):
+                make_synth_set(root, sizes.synth_ids_train, sizes.synth_images_per_id, parts=1 if quick else workers)
         except Exception as err:
             report["errors"]["synth"] = f"{type(err).__name__}: {err}"
             log(f"bench train: generating the JPEG set failed:\n{traceback.format_exc()}")
@@ -588,32 +600,37 @@ def bench_train(device: str = "auto", quick: bool = False, out: str | Path | Non
         }
         log(f"bench train: synthreid set generated in {report['setup']['synth']['generate_s']}s")
 
-        measure("baseline", lambda: time_steps(configs["baseline"], 1, sizes, dev))
-        measure("stage1", lambda: time_steps(configs["stage1"], 1, sizes, dev))
-        measure("stage2", lambda: time_steps(configs["stage2"], 2, sizes, dev))
+        def steps(name: str) -> None:
+            stage = 2 if name.startswith("stage2") else 1
+            measure(name, lambda: time_steps(configs[name], stage, sizes, dev))
+
+        for name in ("baseline", "stage1", "stage2"):
+            steps(name)
+        if compile_mode(configs["stage1"].runtime, dev) != "off":  # what compiling the regions buys
+            for name in COMPILED:
+                steps(f"{name}_uncompiled")
         if uses_cuda_graph(configs["stage1"], dev):  # the same steps eager, to show what the graph buys
             for name in GRAPHED:
-                stage = 2 if name == "stage2" else 1
-                measure(f"{name}_eager", lambda name=name, stage=stage: time_steps(configs[f"{name}_eager"], stage, sizes, dev))
-        measure("stage2_separable", lambda: time_steps(configs["stage2_separable"], 2, sizes, dev))
-        measure("stage2_unfolded", lambda: time_steps(configs["stage2_unfolded"], 2, sizes, dev))
-        # the copy the default (frozen_main=auto) does not pick here: folded when the step is graphed
-        other = "stage2_folded" if frozen_main_mode(configs["stage2"].runtime) == "fused" else "stage2_fused"
-        measure(other, lambda: time_steps(configs[other], 2, sizes, dev))
-        measure("stage2_frozen_forward", lambda: time_steps(configs["stage2"], 2, sizes, dev, frozen_forward_only=True))
+                steps(f"{name}_eager")
+        data = {"data.dataset": "synthreid", "data.root": str(root), "data.workers": workers}
         if "synth" not in report["errors"]:
-            data = {"data.dataset": "synthreid", "data.root": str(root), "data.workers": workers}
             measure("epoch_device_cache", lambda: time_epochs(
                 configs["stage1"].with_overrides({**data, "data.cache": "device"}), sizes, dev))
+        steps("stage2_unfolded")
+        # the copy the default (frozen_main=auto) does not pick here: folded when the step is graphed
+        steps("stage2_folded" if frozen_main_mode(configs["stage2"].runtime) == "fused" else "stage2_fused")
+        measure("stage2_frozen_forward", lambda: time_steps(configs["stage2"], 2, sizes, dev, frozen_forward_only=True))
+        steps("stage2_separable")
+        if "synth" not in report["errors"]:
             measure("epoch_workers", lambda: time_epochs(
                 configs["stage1"].with_overrides({**data, "data.cache": "none"}), sizes, dev))
     for name, stage in (("baseline", 1), ("stage1", 1), ("stage2", 2)):
         measure(f"profile_{name}", lambda name=name, stage=stage: profile_step(configs[name], stage, sizes, dev))
     eval_size = sizes.eval_size if dev.type == "cuda" or quick else "market1501"
     measure("eval", lambda: time_eval(eval_size, dev, 1 if quick else 3))
-    if dev.type == "cuda" and compiled:  # last: torch.compile takes a minute or more per variant
-        measure("stage1_compiled", lambda: time_steps(configs["stage1_compiled"], 1, sizes, dev))
-        measure("stage2_compiled", lambda: time_steps(configs["stage2_compiled"], 2, sizes, dev))
+    if dev.type == "cuda" and compiled:  # last: compiling everything takes a minute or more per variant
+        for name in ("stage2_compiled", "baseline_compiled", "stage1_compiled"):
+            steps(name)
     save()
     return report
 
@@ -624,6 +641,8 @@ THROUGHPUT_ROWS = {
     "baseline": ("baseline (BoT)", "baseline: {net} BoT (BNNeck, CE + triplet), step on device tensors"),
     "stage1": ("stage I", "PFE stage I ({net} + TSAM), step on device tensors"),
     "stage2": ("stage II", "PFE stage II (frozen main branch; MFA, cascade, RO), step on device tensors"),
+    "stage1_uncompiled": ("stage I, compile=off", "PFE stage I, nothing compiled (runtime.compile=off)"),
+    "stage2_uncompiled": ("stage II, compile=off", "PFE stage II, nothing compiled (runtime.compile=off)"),
     "baseline_eager": ("baseline, eager", "baseline, eager step (runtime.cuda_graph=false)"),
     "stage1_eager": ("stage I, eager", "PFE stage I, eager step (runtime.cuda_graph=false)"),
     "stage2_eager": ("stage II, eager", "PFE stage II, eager step (runtime.cuda_graph=false)"),
@@ -634,8 +653,9 @@ THROUGHPUT_ROWS = {
                       "PFE stage II, BN-folded copy, 1x1 convs as GEMMs (runtime.frozen_main=folded)"),
     "stage2_fused": ("stage II, frozen_main=fused",
                      "PFE stage II, cuDNN conv+ReLU kernels in the folded copy (runtime.frozen_main=fused)"),
-    "stage1_compiled": ("stage I, compile", "PFE stage I with runtime.compile=true"),
-    "stage2_compiled": ("stage II, compile", "PFE stage II with runtime.compile=true"),
+    "baseline_compiled": ("baseline, compile=all", "baseline with everything compiled (runtime.compile=all)"),
+    "stage1_compiled": ("stage I, compile=all", "PFE stage I with everything compiled (runtime.compile=all)"),
+    "stage2_compiled": ("stage II, compile=all", "PFE stage II with everything compiled (runtime.compile=all)"),
     "stage2_frozen_forward": ("stage II's frozen forward alone",
                               "stage II's frozen main branch alone: forward, no grad (the floor of a stage-II step)"),
     "epoch_device_cache": ("stage I epoch from JPEG, cache=device", "stage I, whole epoch from JPEG, data.cache=device"),
@@ -730,12 +750,14 @@ def render_markdown(report: dict[str, Any]) -> str:
                      f"{_fmt(r.get('peak_mem_gb'), 2)} |")
     lines += ["", "Ratios: " + ", ".join(f"{k.replace('_', ' ')} {_fmt(report.get(k), 3)}" for k in (
         "stage1_vs_baseline", "stage2_vs_baseline", "stage2_folded_vs_baseline", "stage2_fused_vs_baseline",
-        "stage1_compiled_vs_baseline", "stage2_compiled_vs_baseline", "stage1_eager_vs_baseline_eager", "stage2_eager_vs_baseline_eager",
+        "stage1_compiled_vs_baseline_compiled", "stage2_compiled_vs_baseline_compiled",
+        "stage1_eager_vs_baseline_eager", "stage2_eager_vs_baseline_eager",
         "epoch_from_jpeg_vs_step_from_tensors", "epoch_workers_vs_step_from_tensors"))]
-    speedup = {k: v for k, v in report.get("cuda_graph_speedup", {}).items() if v is not None}
-    if speedup:
-        lines += ["", "CUDA graph (runtime.cuda_graph) against the eager step: "
-                  + ", ".join(f"{k} {v:.2f}x" for k, v in speedup.items())]
+    for key, what in (("cuda_graph_speedup", "CUDA graph (runtime.cuda_graph) against the eager step"),
+                      ("compile_regions_speedup", "runtime.compile=regions against compile=off, both graphed")):
+        speedup = {k: v for k, v in report.get(key, {}).items() if v is not None}
+        if speedup:
+            lines += ["", f"{what}: " + ", ".join(f"{k} {v:.2f}x" for k, v in speedup.items())]
     firsts = {k: v["first_step_s"] for k, v in m.items() if "first_step_s" in v}
     if firsts:
         lines += ["", "First step (cuDNN autotuning; compilation where compiled), seconds: "
@@ -787,7 +809,8 @@ def cli_bench_train(args: Any) -> int:
     out = Path(args.out)
     report = bench_train(device=args.device, quick=args.quick, out=out,
                          log=lambda message: print(message, file=sys.stderr, flush=True),
-                         compiled=not getattr(args, "skip_compiled", False))
+                         compiled=not getattr(args, "skip_compiled", False),
+                         only=args.only.split(",") if getattr(args, "only", None) else None)
     stem = f"bench_{report['device']}" + ("_quick" if args.quick else "")
     sys.stdout.write(render_markdown(report))
     print(f"wrote {out / stem}.json and .md")

@@ -165,23 +165,27 @@ class RuntimeConfig(_Section):
     output_dir: str = "runs"
     progress: bool = True
     nan_check_every: int = Field(50, ge=1, description="look at the accumulated NaN/Inf flag every N steps")
-    compile: bool = Field(
-        False, description="torch.compile the main branch, the side branches and stage II's folded main "
-        "branch (fewer memory passes; the first steps of each stage take longer; results equal up to rounding)")
+    compile: Literal["auto", "off", "regions", "all"] = Field(
+        "auto", description="torch.compile (results equal up to rounding; each stage's first steps take "
+        "longer): regions: the attention blocks and the side branches, whose memory-bound gates, masks, "
+        "BN, ReLU and pooling Inductor fuses (the convolutions stay cuDNN's); all: also the backbone; "
+        "auto: regions when the step is replayed from a CUDA graph, else off (pfe.model.compile_mode). "
+        "true / false read as all / off")
     cuda_graph: bool = Field(
         True, description="on a CUDA device, replay each training step from a CUDA graph (the host need not "
-        "launch its ~1,300 kernels one by one; pfe.engine.graphed); ignored on a CPU and with runtime.compile")
+        "launch its ~1,300 kernels one by one; pfe.engine.graphed); ignored on a CPU")
     frozen_main: Literal["auto", "modules", "folded", "fused"] = Field(
         "auto", description="how stage II runs the frozen main branch in training: the checkpointed modules, "
         "a copy with BN folded into the convs, or that copy with cuDNN conv+ReLU kernels (pfe.model.frozen; "
         "results equal up to rounding); auto: fused when the step is replayed from a CUDA graph, else folded")
 
-    @property
-    def graphed_step(self) -> bool:
-        """Whether a CUDA device runs the training step from a CUDA graph: cuda_graph, unless compile
-        (compiled code inside a captured graph is not tested yet; reports/bench/probe_gpu.py --session5
-        measures it)."""
-        return self.cuda_graph and not self.compile
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_from_bool(cls, value: Any) -> Any:
+        """Configs written when runtime.compile was a switch: true is everything, false nothing."""
+        if isinstance(value, bool):
+            return "all" if value else "off"
+        return value
 
 
 # Keys that never change what a run computes (paths, hosts, devices, logging). They are not

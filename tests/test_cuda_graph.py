@@ -18,7 +18,8 @@ from pfe.engine.trainer import (
     stage_loss_fn,
     uses_cuda_graph,
 )
-from pfe.model import build_model
+from pfe.model import build_model, compile_mode
+from pfe.model.frozen import main_branch_maps
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 SMALL = {
@@ -33,13 +34,19 @@ SMALL = {
 }
 
 
-def test_the_graph_is_used_on_a_cuda_device_only_and_not_with_compile() -> None:
+def test_the_graph_is_used_on_a_cuda_device_only_and_compiles_regions_there() -> None:
     cfg = ExperimentConfig()
     assert cfg.runtime.cuda_graph is True
     assert uses_cuda_graph(cfg, torch.device("cuda"))
     assert not uses_cuda_graph(cfg, torch.device("cpu"))
-    assert not uses_cuda_graph(cfg.with_overrides({"runtime.compile": True}), torch.device("cuda"))
+    assert uses_cuda_graph(cfg.with_overrides({"runtime.compile": True}), torch.device("cuda"))
     assert not uses_cuda_graph(cfg.with_overrides({"runtime.cuda_graph": False}), torch.device("cuda"))
+    # runtime.compile=auto: the attention blocks and side branches, inside the graph only
+    assert compile_mode(cfg.runtime, torch.device("cuda")) == "regions"
+    assert compile_mode(cfg.runtime, torch.device("cpu")) == "off"
+    assert compile_mode(cfg.with_overrides({"runtime.cuda_graph": False}).runtime, torch.device("cuda")) == "off"
+    assert compile_mode(cfg.with_overrides({"runtime.compile": True}).runtime, torch.device("cpu")) == "all"
+    assert cfg.with_overrides({"runtime.compile": False}).runtime.compile == "off"
     # an environment key: it does not change what a run computes, so not its identity
     off = cfg.with_overrides({"runtime.cuda_graph": False})
     assert (off.config_hash(), off.stage1_key()) == (cfg.config_hash(), cfg.stage1_key())
@@ -51,16 +58,16 @@ def test_a_graph_needs_a_cuda_device() -> None:
                          torch.device("cpu"))
 
 
-def _two_steps(cfg: ExperimentConfig, stage: int, device: torch.device):
-    """An eager and a graphed step on two identical models."""
+def _two_steps(cfg: ExperimentConfig, stage: int, device: torch.device, compile: str = "off"):
+    """An eager and a graphed step on two identical models (both compiled as ``compile`` says)."""
     steps, models, optimizers = [], [], []
     for graphed in (False, True):
         torch.manual_seed(0)
-        model = place_model(build_model(cfg, num_classes=8), device)
+        model = place_model(build_model(cfg, num_classes=8), device, compile)
         if stage == 2:  # a main branch with trained BN statistics, then frozen
             with torch.no_grad():
                 for _ in range(2):
-                    model.main_maps(torch.randn(8, 3, 128, 64, device=device))
+                    main_branch_maps(model.backbone, model.attention, torch.randn(8, 3, 128, 64, device=device))
         model.set_stage(stage).train()
         params = list(model.main_branch_parameters() if stage == 1 else model.side_parameters())
         optimizer = build_optimizer(params, cfg.stage1 if stage == 1 else cfg.stage2, device)
@@ -72,14 +79,16 @@ def _two_steps(cfg: ExperimentConfig, stage: int, device: torch.device):
 
 
 @CUDA
+@pytest.mark.parametrize("compile", ["off", "regions"])
 @pytest.mark.parametrize("stage", [1, 2])
-def test_the_graphed_step_trains_as_the_eager_step(stage: int) -> None:
-    """Same losses step by step and same weights after 12 steps, through a learning-rate change and a
-    smaller batch (each captures the step again); the host never waits for the device in a replay."""
+def test_the_graphed_step_trains_as_the_eager_step(stage: int, compile: str) -> None:
+    """Same losses step by step and same weights after 12 steps, through a learning-rate change (the step
+    is captured again) and a one-off smaller batch (a new shape: run eagerly, the graph kept); the host
+    never waits for the device in a replay. With compile=regions, compiled code runs inside the graph."""
     device = torch.device("cuda")
     cfg = ExperimentConfig().with_overrides({**SMALL, "runtime.device": "cuda"})
     torch.backends.cudnn.benchmark = True
-    (eager, graphed), models, optimizers = _two_steps(cfg, stage, device)
+    (eager, graphed), models, optimizers = _two_steps(cfg, stage, device, compile)
     generator = torch.Generator().manual_seed(1)
     batches = [(torch.randn(16, 3, 128, 64, generator=generator), torch.arange(4).repeat_interleave(4))
                for _ in range(3)]
@@ -102,7 +111,7 @@ def test_the_graphed_step_trains_as_the_eager_step(stage: int) -> None:
         tallies[1].add(got)
         for name in want:
             assert torch.allclose(got[name].float(), want[name].float(), rtol=3e-2, atol=3e-3), (i, name)
-    assert graphed.captures == 4  # after warm-up; lr change; smaller batch; full batch again
+    assert graphed.captures == 2  # after warm-up; after the lr change (the smaller batch ran eagerly)
     assert tallies[1].non_finite() == []
     for p_e, p_g in zip(optimizers[0].param_groups[0]["params"], optimizers[1].param_groups[0]["params"]):
         assert ((p_g - p_e).norm() / p_e.norm().clamp_min(1e-6)).item() < 3e-2

@@ -96,8 +96,10 @@ def test_under_bf16_autocast_the_copy_holds_bf16_weights() -> None:
     assert {p.dtype for p in model._frozen_copy._folded.parameters()} == {torch.float32}
 
 
-def test_compiled_blocks_give_the_eager_step() -> None:
-    """runtime.compile: same loss and gradients as eager in both stages, same state-dict keys, compiled folded copy."""
+@pytest.mark.parametrize("mode", ["regions", "all"])
+def test_compiled_blocks_give_the_eager_step(mode: str) -> None:
+    """runtime.compile: same loss and gradients as eager in both stages, same state-dict keys; the folded
+    copy compiled whole (all) or its attention blocks alone (regions)."""
     from pfe.losses import stage1_losses, stage2_losses
 
     # fixed inputs: with others, a near-tie in the top-k masks or the hardest triplet can flip between
@@ -116,7 +118,7 @@ def test_compiled_blocks_give_the_eager_step() -> None:
         eager = _stage2_model().set_stage(stage).train()
         compiled = _stage2_model().set_stage(stage).train()
         keys = list(compiled.state_dict())
-        compiled.compile_blocks()
+        compiled.compile_blocks(mode)
         assert list(compiled.state_dict()) == keys
         loss_e, grads_e = grads(eager, stage)
         loss_c, grads_c = grads(compiled, stage)
@@ -124,7 +126,16 @@ def test_compiled_blocks_give_the_eager_step() -> None:
         assert len(grads_c) == len(grads_e) > 0
         # all gradients as one vector: a tensor whose gradient is nearly 0 has no meaningful relative error
         assert _rel(torch.cat([g.flatten() for g in grads_c]), torch.cat([g.flatten() for g in grads_e])) < 1e-3
-    assert isinstance(compiled._frozen_copy._folded, torch._dynamo.eval_frame.OptimizedModule)
+    copy = compiled._frozen_copy._folded
+    compiled_parts = [m for m in copy.modules() if isinstance(m, torch._dynamo.eval_frame.OptimizedModule)]
+    if mode == "all":
+        assert compiled_parts == [copy]
+    else:  # the four TSAM blocks, called as modules by the copy; its convs stay as they are
+        assert [type(m._orig_mod).__name__ for m in compiled_parts] == ["TSAM"] * 4
+        assert {type(m).__name__ for m in copy.modules()} >= {"PointwiseConv", "Conv2d"}
+    got = compiled.extract(images)  # evaluation runs the modules themselves: bit-equal without compile
+    compiled._compiled = {}
+    assert all(torch.equal(got[k], v) for k, v in compiled.extract(images).items())
 
 
 @pytest.mark.parametrize("backbone, blocks", [("resnet18", 8), ("resnet50", 16)])

@@ -9,6 +9,8 @@ How it stays the same training as the eager step:
 - the first ``warmup`` steps of a stage run eagerly (on a side stream, as capture requires): they
   autotune cuDNN and create Adam's state, which cannot happen inside a capture;
 - then the step is captured once and replayed, each batch copied into the captured input tensors;
+- a batch of a shape not seen before runs eagerly too (code compiled for a new shape by
+  ``runtime.compile`` cannot be compiled inside a capture; a one-off last batch is then never captured);
 - it is captured again whenever the batch shape or a learning rate changes (the scheduler steps per
   epoch; the optimizer kernels hold the learning rate as a constant);
 - autocast runs without its weight-cast cache inside the capture (required for capture; the casts then
@@ -36,6 +38,7 @@ class GraphedTrainStep:
         self.eager_step, self.optimizer, self.device = eager_step, optimizer, device
         self.warmup_left = warmup
         self.captures = 0
+        self._seen_shapes: set[tuple[Any, ...]] = set()  # batch shapes that ran eagerly at least once
         self._graph: torch.cuda.CUDAGraph | None = None
         self._key: tuple[Any, ...] | None = None
         self._images: torch.Tensor | None = None
@@ -45,10 +48,12 @@ class GraphedTrainStep:
             group["capturable"] = True
 
     def __call__(self, images: torch.Tensor, pids: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.warmup_left > 0:
-            self.warmup_left -= 1
+        shape = (tuple(images.shape), images.dtype, tuple(pids.shape))
+        if self.warmup_left > 0 or shape not in self._seen_shapes:
+            self.warmup_left = max(0, self.warmup_left - 1)
+            self._seen_shapes.add(shape)
             return self._eager_on_side_stream(images, pids)
-        key = (tuple(images.shape), images.dtype, tuple(pids.shape), tuple(g["lr"] for g in self.optimizer.param_groups))
+        key = (*shape, tuple(g["lr"] for g in self.optimizer.param_groups))
         if key != self._key:
             self._capture(images, pids)
             self._key = key

@@ -38,7 +38,7 @@ from pfe.engine import checkpoint as ckpt
 from pfe.engine.evaluation import evaluate_features, extract_features
 from pfe.engine.graphed import GraphedTrainStep
 from pfe.errors import PFEError
-from pfe.model import PFENet, PFEOutput, build_model
+from pfe.model import PFENet, PFEOutput, build_model, compile_mode
 
 RESULT_FILE = "result.json"
 
@@ -148,13 +148,13 @@ def extract_split_features(
     return q, g, q_pids, g_pids, q_cams, g_cams
 
 
-def place_model(model: PFENet, device: torch.device, compile: bool = False) -> PFENet:
-    """The model on ``device``; channels_last on a GPU (faster convolutions with bf16); with ``compile``,
-    its main branch, side branches and stage II's folded main branch through torch.compile."""
+def place_model(model: PFENet, device: torch.device, compile: str = "off") -> PFENet:
+    """The model on ``device``; channels_last on a GPU (faster convolutions with bf16); what training runs
+    through torch.compile as ``compile`` says (off | regions | all; ``PFENet.compile_blocks``)."""
     model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    return model.compile_blocks() if compile else model
+    return model.compile_blocks(compile) if compile != "off" else model
 
 
 LossFn = Callable[[PFEOutput, torch.Tensor], dict[str, torch.Tensor]]
@@ -207,8 +207,8 @@ TrainStep = Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
 
 
 def uses_cuda_graph(cfg: ExperimentConfig, device: torch.device) -> bool:
-    """runtime.cuda_graph applies on a CUDA device, and not with runtime.compile."""
-    return cfg.runtime.graphed_step and device.type == "cuda"
+    """runtime.cuda_graph applies on a CUDA device."""
+    return cfg.runtime.cuda_graph and device.type == "cuda"
 
 
 def make_train_step(model: PFENet, optimizer: torch.optim.Optimizer, *, stage: int, loss_fn: LossFn,
@@ -282,7 +282,8 @@ class _Run:
         self.workers = resolve_workers(cfg.data.workers)
         log(f"data: {cfg.data.dataset}, {len(self.data.train)} training images; {self.workers} DataLoader "
             f"worker{'' if self.workers == 1 else 's'}" + (" (data.workers=auto)" if cfg.data.workers == "auto" else ""))
-        self.model = place_model(build_model(cfg, self.data.num_train_pids), self.device, cfg.runtime.compile)
+        self.model = place_model(build_model(cfg, self.data.num_train_pids), self.device,
+                                 compile_mode(cfg.runtime, self.device))
         self.train_set = ImageDataset(
             self.data.train,
             build_train_transform(cfg.data.height, cfg.data.width, cfg.data.flip_prob, cfg.data.erasing_prob, cfg.data.pad),

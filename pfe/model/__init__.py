@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from pfe.config import ExperimentConfig, RuntimeConfig
 from pfe.model.pfenet import PFENet, PFEOutput
 
@@ -36,7 +38,17 @@ def frozen_main_mode(runtime: RuntimeConfig) -> str:
     (eager: 21.0 ms against 23.3 fused). On a CPU both run the folded copy."""
     if runtime.frozen_main != "auto":
         return runtime.frozen_main
-    return "fused" if runtime.graphed_step else "folded"
+    return "fused" if runtime.cuda_graph else "folded"
 
 
-__all__ = ["PFENet", "PFEOutput", "build_model", "frozen_main_mode"]
+def compile_mode(runtime: RuntimeConfig, device: torch.device) -> str:
+    """``runtime.compile``, with ``auto`` as ``regions`` when a CUDA device replays the step from a CUDA
+    graph, else ``off``: inside a graph the compiled code's host cost (guards, launches) is paid once at
+    capture, where eager steps pay it on every call (the whole model compiled ran slower eager on an H200,
+    reports/bench/NOTES.md); on a CPU, compiling costs more than it saves in short runs."""
+    if runtime.compile != "auto":
+        return runtime.compile
+    return "regions" if runtime.cuda_graph and device.type == "cuda" else "off"
+
+
+__all__ = ["PFENet", "PFEOutput", "build_model", "compile_mode", "frozen_main_mode"]

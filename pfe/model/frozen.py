@@ -20,6 +20,9 @@ every step. ``runtime.frozen_main`` picks how much:
 - ``auto`` (the config's default, resolved by :func:`pfe.model.frozen_main_mode`): ``fused`` when the
   training step is replayed from a CUDA graph, else ``folded``: fastest each way on an H200.
 
+With ``runtime.compile`` (``PFENet.compile_blocks``), the copy's attention blocks (``regions``: they stay
+modules in the copy, compiled on their own) or the whole copy (``all``) go through torch.compile.
+
 :class:`FrozenMainBranch` keeps the copy and rebuilds it whenever what it was made from changes: the
 device, the dtype, the autocast dtype, or any weight or BN statistic (through the tensors' in-place
 version counters, which ``load_state_dict`` and every in-place update bump). The copy lives outside
@@ -36,7 +39,22 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.fx.experimental.optimization import fuse
 
+from pfe.model.attention import FAB, SEB, TSAM
+
 FROZEN_MAIN = ("modules", "folded", "fused")
+# Inductor settings for what pfe compiles. Static shapes: a training step has one batch shape, and the four
+# attention blocks (one code object, four sizes) would otherwise turn dynamic after the first. 1x1 convs as
+# matrix products on the NHWC view: faster than cuDNN's with the bias on an H200 (PointwiseConv below).
+COMPILE_OPTIONS: dict = {"dynamic": False, "options": {"conv_1x1_as_mm": True}}
+RECOMPILE_LIMIT = 64
+
+
+def compiled(fn):  # noqa: ANN001, ANN201 (a module or a function, returned compiled)
+    """``torch.compile(fn)`` with :data:`COMPILE_OPTIONS`. Each compiled block or copy is one more entry for
+    the same code object (TSAM.forward: four sizes, in stage I and in the frozen copy; each batch shape):
+    dynamo's default limit of 8 would silently leave the rest uncompiled, so it is raised."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    return torch.compile(fn, **COMPILE_OPTIONS)
 
 
 def main_branch_maps(backbone: nn.Module, attention: nn.ModuleList, images: Tensor) -> list[Tensor]:
@@ -47,6 +65,13 @@ def main_branch_maps(backbone: nn.Module, attention: nn.ModuleList, images: Tens
         x = block(stage(x))
         maps.append(x)
     return maps
+
+
+class _AttentionLeaves(fx.Tracer):
+    """Traces the main branch with each attention block kept as one module (to be compiled on its own)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, (SEB, FAB, TSAM)) or super().is_leaf_module(m, module_qualified_name)
 
 
 class _MainBranch(nn.Module):
@@ -185,14 +210,18 @@ def fuse_conv_relu(graph: fx.GraphModule) -> fx.GraphModule:
 
 
 def fold_main_branch(backbone: nn.Module, attention: nn.ModuleList, dtype: torch.dtype | None = None,
-                     fuse_relu: bool = False) -> nn.Module:
+                     fuse_relu: bool = False, attention_leaves: bool = False) -> nn.Module:
     """An inference copy of the main branch with each conv's BatchNorm folded in, in ``dtype``
     (default: the weights' own); with ``fuse_relu``, conv-ReLU and conv-add-ReLU as single cuDNN modules,
-    else the 1x1 convs as :class:`PointwiseConv` GEMMs. The originals must be in eval mode; they are not
-    changed."""
+    else the 1x1 convs as :class:`PointwiseConv` GEMMs; with ``attention_leaves``, each attention block
+    stays one module (as it is), else its ops join the copy's. The originals must be in eval mode; they
+    are not changed."""
     if backbone.training or attention.training:
         raise RuntimeError("fold_main_branch: the main branch must be in eval mode (its BN statistics frozen)")
-    folded = fuse(_MainBranch(backbone, attention))  # a deep copy: the model's own modules stay as they are
+    branch = _MainBranch(backbone, attention)
+    tracer = _AttentionLeaves() if attention_leaves else fx.Tracer()
+    traced = fx.GraphModule(branch, tracer.trace(branch))
+    folded = fuse(traced, no_trace=True)  # a deep copy: the model's own modules stay as they are
     folded = fuse_conv_relu(folded) if fuse_relu else pointwise_convs_as_gemm(folded)
     folded.requires_grad_(False).eval()
     return folded.to(dtype=dtype) if dtype is not None else folded
@@ -218,9 +247,9 @@ class FrozenMainBranch:
         if mode not in ("folded", "fused"):
             raise ValueError(f"runtime.frozen_main: a copy is folded or fused, got {mode!r}")
         self.mode = mode
+        self.compile = "off"  # set by PFENet.compile_blocks: off | regions (attention blocks) | all (the copy)
         self._key: tuple | None = None
         self._folded: nn.Module | None = None
-        self.compile_options: dict | None = None  # set by PFENet.compile_blocks: torch.compile the copy
 
     @staticmethod
     def _key_of(backbone: nn.Module, attention: nn.ModuleList, images: Tensor) -> tuple:
@@ -234,26 +263,33 @@ class FrozenMainBranch:
         on_gpu = images.device.type == "cuda"
 
         def make(fuse_relu: bool) -> nn.Module:
-            copy = fold_main_branch(backbone, attention, dtype=dtype, fuse_relu=fuse_relu)
+            copy = fold_main_branch(backbone, attention, dtype=dtype, fuse_relu=fuse_relu,
+                                    attention_leaves=self.compile == "regions")
             return copy.to(memory_format=torch.channels_last) if on_gpu else copy
 
-        folded = make(False)
+        copy = make(False)
         if self.mode == "fused" and on_gpu:  # check cuDNN's fused kernels once against the folded copy
             fused = make(True)
-            problem = fused_copy_problem(fused, folded, images)
+            problem = fused_copy_problem(fused, copy, images)
             if problem is None:
-                return fused
-            warnings.warn(f"runtime.frozen_main=fused: {problem}; stage II runs the folded copy instead",
-                          RuntimeWarning, stacklevel=3)
-        return folded
+                copy = fused
+            else:
+                warnings.warn(f"runtime.frozen_main=fused: {problem}; stage II runs the folded copy instead",
+                              RuntimeWarning, stacklevel=3)
+        if self.compile == "all":
+            return compiled(copy)
+        if self.compile == "regions":  # the attention blocks the copy calls as modules
+            for node in copy.graph.nodes:
+                if node.op == "call_module" and isinstance(copy.get_submodule(node.target), (SEB, FAB, TSAM)):
+                    parent, _, name = node.target.rpartition(".")
+                    setattr(copy.get_submodule(parent), name, compiled(copy.get_submodule(node.target)))
+        return copy
 
     def __call__(self, backbone: nn.Module, attention: nn.ModuleList, images: Tensor) -> list[Tensor]:
         key = self._key_of(backbone, attention, images)
         if key != self._key:
             self._folded = None  # free the old copy before making the new one
             self._folded = self._build(backbone, attention, images, dtype=key[2])
-            if self.compile_options is not None:
-                self._folded = torch.compile(self._folded, **self.compile_options)
             self._key = key
         assert self._folded is not None
         with torch.no_grad():

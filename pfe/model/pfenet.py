@@ -17,7 +17,8 @@ branch through an inference copy with BatchNorm folded into the convs (pfe.model
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,10 +27,11 @@ from torch import Tensor, nn
 
 from pfe.model.attention import ATTENTIONS, build_attention
 from pfe.model.backbones import build_backbone
-from pfe.model.frozen import FROZEN_MAIN, FrozenMainBranch, main_branch_maps
-from pfe.model.side import SIDE_LAYERS, SIDES, SideBranches
+from pfe.model.frozen import FROZEN_MAIN, FrozenMainBranch, compiled, main_branch_maps
+from pfe.model.side import SIDE_LAYERS, SIDES, SideBranches, SideOutput
 
 SIDE_LOSSES = ("independent", "uniform", "cascade")
+COMPILE = ("off", "regions", "all")
 
 
 @dataclass
@@ -99,7 +101,8 @@ class PFENet(nn.Module):
             raise ValueError(f"runtime.frozen_main: unknown {frozen_main!r}; choose one of {', '.join(FROZEN_MAIN)}")
         # a plain attribute, not a submodule: never saved, moved or counted
         self._frozen_copy = FrozenMainBranch(frozen_main) if frozen_main != "modules" else None
-        self._main_branch_maps = main_branch_maps  # compile_blocks swaps in a compiled version
+        # what training calls instead of the modules, set by compile_blocks: "main_maps", "side"
+        self._compiled: dict[str, Callable[..., Any]] = {}
 
         # ---- main branch: backbone with attention after each of layers 2..5, F5 head
         self.backbone = build_backbone(backbone, last_stride, pretrained)
@@ -172,22 +175,38 @@ class PFENet(nn.Module):
         return self
 
     # ---- forward -------------------------------------------------------------------------------
-    def compile_blocks(self, **options: Any) -> PFENet:
-        """``torch.compile`` the main branch (backbone with attention), the side branches and, once built,
-        stage II's folded main branch; state-dict keys stay as they are. Inductor fuses their
-        memory-bound work (BN, ReLU, residual adds, attention gates, masks); the convolutions stay cuDNN's.
-        The main branch is compiled as one function, not block by block: the four attention blocks
-        share one code object, and per-block graphs would exceed dynamo's recompile limit."""
-        self._main_branch_maps = torch.compile(main_branch_maps, **options)
-        if self.side is not None:
-            self.side.compile(**options)
+    def compile_blocks(self, mode: str = "all") -> PFENet:
+        """``torch.compile`` what training runs (evaluation keeps the modules); state-dict keys stay as they are.
+
+        ``regions``: each attention block and the side branches, and the attention blocks of stage II's
+        frozen copy. Inductor fuses their memory-bound work (TSAM's gates and products, the masks, the
+        side branches' BN, ReLU and pooling); the backbone stays as it is (cuDNN, or the folded copy's
+        GEMMs and fused kernels). ``all``: also the backbone (one graph for the main branch) and the
+        whole frozen copy. ``off``: nothing. Shapes are compiled as static (pfe.model.frozen.compiled)."""
+        if mode not in COMPILE:
+            raise ValueError(f"runtime.compile: unknown {mode!r}; choose one of {', '.join(COMPILE)}")
+        self._compiled = {}
+        if mode == "regions":
+            blocks = [b if isinstance(b, nn.Identity) else compiled(b) for b in self.attention]
+            self._compiled["main_maps"] = functools.partial(main_branch_maps, self.backbone, blocks)
+        elif mode == "all":
+            self._compiled["main_maps"] = functools.partial(compiled(main_branch_maps), self.backbone, self.attention)
+        if mode != "off" and self.side is not None:
+            self._compiled["side"] = compiled(self.side)
         if self._frozen_copy is not None:
-            self._frozen_copy.compile_options = options
+            self._frozen_copy.compile = mode
         return self
 
     def main_maps(self, images: Tensor) -> list[Tensor]:
         """Post-attention maps of layers 2..5 (the last one gives F5)."""
-        return self._main_branch_maps(self.backbone, self.attention, images)
+        if self.training and "main_maps" in self._compiled:
+            return self._compiled["main_maps"](images)
+        return main_branch_maps(self.backbone, self.attention, images)
+
+    def side_branches(self, maps: list[Tensor]) -> SideOutput:
+        """The side branches on the main branch's maps (compiled in training after compile_blocks)."""
+        assert self.side is not None
+        return self._compiled["side"](maps) if self.training and "side" in self._compiled else self.side(maps)
 
     def frozen_main_maps(self, images: Tensor) -> list[Tensor]:
         """Stage II's main-branch maps, without gradient; in training, from the inference copy (``frozen_main``)."""
@@ -211,7 +230,7 @@ class PFENet(nn.Module):
             f5 = maps[-1].mean(dim=(2, 3))  # GAP
             bn5 = self.neck(f5)
         if stage == 2 and self.side is not None:
-            side = self.side(maps)
+            side = self.side_branches(maps)
             out.features.update(side.features)
             out.activation_maps, out.masks = side.activation_maps, side.masks
             for name, f in side.features.items():

@@ -10,8 +10,8 @@
 #    (`pfe-study bench plot --out reports/bench`: bench_cuda.png; the device returns at most 8 files,
 #    so it is not made there) and commit them with the figures in the note.
 #
-# What runs: first the GPU-only tests (tests/test_cuda_graph.py, the device cache's no-sync test, the
-# CUDA evaluation test; about a minute), then `python3 -m pfe.cli bench --device cuda --out $OUT/bench`:
+# What runs: first the GPU-only tests (the device cache's no-sync test, the CUDA evaluation test,
+# tests/test_cuda_graph.py, half of it compiling; PFE_TEST_TIMEOUT, 200 s by default), then `python3 -m pfe.cli bench --device cuda --out $OUT/bench`:
 # `bench train` (baseline, stage I, stage II with the defaults: CUDA graph, frozen_main=auto; the same
 # three steps eager; MFA-dagger; stage II with runtime.frozen_main=modules and with the copy auto did
 # not pick; stage II's frozen forward alone; two stage-I epochs of a generated SynthReID JPEG set through
@@ -40,9 +40,9 @@ import torch, pydantic, pfe.config, pfe.engine.trainer  # noqa: F401  (fails fas
 print(f"torch {torch.__version__} cuda {torch.version.cuda} pydantic {pydantic.VERSION}; "
       f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'NO CUDA DEVICE'}")
 EOF
-timeout "${PFE_TEST_TIMEOUT:-120}" python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph.py \
+timeout "${PFE_TEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider -p no:logging --durations=8 \
   tests/test_device_cache.py::test_an_epoch_on_a_gpu_never_waits_for_the_device tests/test_evaluation.py::test_cuda_matches_cpu \
-  > "$OUT/bench/pytest_cuda.txt" 2>&1
+  tests/test_cuda_graph.py > "$OUT/bench/pytest_cuda.txt" 2>&1
 echo "GPU tests: exit status $? ($(tail -1 "$OUT/bench/pytest_cuda.txt"))"
 nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,clocks.max.sm,temperature.gpu,power.draw \
   --format=csv 2>&1 | tee "$OUT/bench/log.txt"
