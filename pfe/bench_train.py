@@ -100,8 +100,8 @@ QUICK = Sizes(height=64, width=32, ids_per_batch=4, images_per_id=2, backbone="r
 def bench_configs(sizes: Sizes, device: torch.device) -> dict[str, ExperimentConfig]:
     """The configs measured: baseline, stage I (TSAM), stage II (MFA, cascade, RO), MFA-dagger, stage II
     with the frozen main branch run as checkpointed (no BN folding) and with cuDNN conv+ReLU kernels;
-    the steps eager (no CUDA graph, nothing compiled), graphed without compiling (runtime.compile=off, to
-    show what the default ``regions`` buys) and with everything compiled (runtime.compile=all; a GPU only)."""
+    the steps eager (no CUDA graph, nothing compiled), graphed without compiling (runtime.compile=off) and
+    with PFE's own parts alone compiled (runtime.compile=regions), to show what the defaults buy."""
     overrides: dict[str, Any] = {
         "data.height": sizes.height,
         "data.width": sizes.width,
@@ -129,12 +129,12 @@ def bench_configs(sizes: Sizes, device: torch.device) -> dict[str, ExperimentCon
                                                "runtime.cuda_graph": False}),
         "stage1_eager": base.with_overrides({"runtime.cuda_graph": False}),
         "stage2_eager": base.with_overrides({"runtime.cuda_graph": False}),
+        "baseline_uncompiled": base.with_overrides({"model.attention": "none", "model.side": "none",
+                                                    "runtime.compile": "off"}),
         "stage1_uncompiled": base.with_overrides({"runtime.compile": "off"}),
         "stage2_uncompiled": base.with_overrides({"runtime.compile": "off"}),
-        "baseline_compiled": base.with_overrides({"model.attention": "none", "model.side": "none",
-                                                  "runtime.compile": "all"}),
-        "stage1_compiled": base.with_overrides({"runtime.compile": "all"}),
-        "stage2_compiled": base.with_overrides({"runtime.compile": "all"}),
+        "stage1_regions": base.with_overrides({"runtime.compile": "regions"}),
+        "stage2_regions": base.with_overrides({"runtime.compile": "regions"}),
     }
 
 
@@ -473,11 +473,10 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 # The step measurements, in the order the report lists them: the baseline first, the frozen forward last.
-STEP_MEASUREMENTS = ("baseline", "stage1", "stage2", "stage1_uncompiled", "stage2_uncompiled", "baseline_eager",
-                     "stage1_eager", "stage2_eager", "stage2_separable", "stage2_unfolded", "stage2_folded",
-                     "stage2_fused", "baseline_compiled", "stage1_compiled", "stage2_compiled", "stage2_frozen_forward")
-GRAPHED = ("baseline", "stage1", "stage2")  # measured with the default runtime.cuda_graph and without
-COMPILED = ("stage1", "stage2")  # measured with the default runtime.compile (regions) and without
+STEP_MEASUREMENTS = ("baseline", "stage1", "stage2", "baseline_uncompiled", "stage1_uncompiled", "stage2_uncompiled",
+                     "stage1_regions", "stage2_regions", "baseline_eager", "stage1_eager", "stage2_eager",
+                     "stage2_separable", "stage2_unfolded", "stage2_folded", "stage2_fused", "stage2_frozen_forward")
+GRAPHED = ("baseline", "stage1", "stage2")  # measured with the defaults, eager, and graphed without compiling
 
 
 def summarise(report: dict[str, Any]) -> None:
@@ -492,10 +491,10 @@ def summarise(report: dict[str, Any]) -> None:
     for name in STEP_MEASUREMENTS[1:-1]:  # every trained step against the baseline's
         report[f"{name}_vs_baseline"] = _ratio(report[f"{name}_img_s"], report["baseline_img_s"])
     report["cuda_graph_speedup"] = {name: _ratio(get(name), get(f"{name}_eager")) for name in GRAPHED}
-    report["compile_regions_speedup"] = {name: _ratio(get(name), get(f"{name}_uncompiled")) for name in COMPILED}
-    for name in ("stage1", "stage2"):  # the ratios with an eager trainer, and with everything compiled
+    report["compile_speedup"] = {name: _ratio(get(name), get(f"{name}_uncompiled")) for name in GRAPHED}
+    for name in ("stage1", "stage2"):  # the ratios with an eager trainer, and with a graphed one compiling nothing
         report[f"{name}_eager_vs_baseline_eager"] = _ratio(get(f"{name}_eager"), get("baseline_eager"))
-        report[f"{name}_compiled_vs_baseline_compiled"] = _ratio(get(f"{name}_compiled"), get("baseline_compiled"))
+        report[f"{name}_uncompiled_vs_baseline_uncompiled"] = _ratio(get(f"{name}_uncompiled"), get("baseline_uncompiled"))
     report["step_from_tensors_img_s"] = get("stage1")
     report["epoch_from_jpeg_img_s"] = get("epoch_device_cache")
     report["epoch_from_jpeg_workers_img_s"] = get("epoch_workers")
@@ -522,8 +521,7 @@ def summarise(report: dict[str, Any]) -> None:
 
 
 def bench_train(device: str = "auto", quick: bool = False, out: str | Path | None = None,
-                log: Callable[[str], None] = print, compiled: bool = True,
-                only: Collection[str] | None = None) -> dict[str, Any]:
+                log: Callable[[str], None] = print, only: Collection[str] | None = None) -> dict[str, Any]:
     """Run the training benchmark; returns the report (also written to ``out/bench_<device>[_quick].json``).
     ``only``: the measurements to make (names as in the report), all by default."""
     from pfe.engine.trainer import resolve_device, uses_cuda_graph
@@ -550,6 +548,9 @@ def bench_train(device: str = "auto", quick: bool = False, out: str | Path | Non
             "channels_last": dev.type == "cuda",
             "cudnn_benchmark": dev.type == "cuda",
             "fused_adam": dev.type == "cuda",
+            "cuda_graph": uses_cuda_graph(configs["stage1"], dev),
+            "compile": compile_mode(configs["stage1"].runtime, dev),
+            "frozen_main": frozen_main_mode(configs["stage2"].runtime),
             "num_classes": sizes.num_classes,
             "stage2": {k: configs["stage2"].flat()[k] for k in (
                 "model.side", "model.channels", "model.side_dim", "model.separable", "model.alpha",
@@ -604,18 +605,20 @@ def bench_train(device: str = "auto", quick: bool = False, out: str | Path | Non
             stage = 2 if name.startswith("stage2") else 1
             measure(name, lambda: time_steps(configs[name], stage, sizes, dev))
 
-        for name in ("baseline", "stage1", "stage2"):
+        for name in GRAPHED:
             steps(name)
-        if compile_mode(configs["stage1"].runtime, dev) != "off":  # what compiling the regions buys
-            for name in COMPILED:
+        if uses_cuda_graph(configs["stage1"], dev):  # what the graph and compiling buy
+            for name in GRAPHED:
                 steps(f"{name}_uncompiled")
-        if uses_cuda_graph(configs["stage1"], dev):  # the same steps eager, to show what the graph buys
             for name in GRAPHED:
                 steps(f"{name}_eager")
         data = {"data.dataset": "synthreid", "data.root": str(root), "data.workers": workers}
         if "synth" not in report["errors"]:
             measure("epoch_device_cache", lambda: time_epochs(
                 configs["stage1"].with_overrides({**data, "data.cache": "device"}), sizes, dev))
+        if uses_cuda_graph(configs["stage1"], dev):
+            for name in ("stage1_regions", "stage2_regions"):
+                steps(name)
         steps("stage2_unfolded")
         # the copy the default (frozen_main=auto) does not pick here: folded when the step is graphed
         steps("stage2_folded" if frozen_main_mode(configs["stage2"].runtime) == "fused" else "stage2_fused")
@@ -628,9 +631,6 @@ def bench_train(device: str = "auto", quick: bool = False, out: str | Path | Non
         measure(f"profile_{name}", lambda name=name, stage=stage: profile_step(configs[name], stage, sizes, dev))
     eval_size = sizes.eval_size if dev.type == "cuda" or quick else "market1501"
     measure("eval", lambda: time_eval(eval_size, dev, 1 if quick else 3))
-    if dev.type == "cuda" and compiled:  # last: compiling everything takes a minute or more per variant
-        for name in ("stage2_compiled", "baseline_compiled", "stage1_compiled"):
-            steps(name)
     save()
     return report
 
@@ -641,8 +641,12 @@ THROUGHPUT_ROWS = {
     "baseline": ("baseline (BoT)", "baseline: {net} BoT (BNNeck, CE + triplet), step on device tensors"),
     "stage1": ("stage I", "PFE stage I ({net} + TSAM), step on device tensors"),
     "stage2": ("stage II", "PFE stage II (frozen main branch; MFA, cascade, RO), step on device tensors"),
+    "baseline_uncompiled": ("baseline, compile=off", "baseline, nothing compiled (runtime.compile=off)"),
     "stage1_uncompiled": ("stage I, compile=off", "PFE stage I, nothing compiled (runtime.compile=off)"),
     "stage2_uncompiled": ("stage II, compile=off", "PFE stage II, nothing compiled (runtime.compile=off)"),
+    "stage1_regions": ("stage I, compile=regions", "PFE stage I, TSAM alone compiled (runtime.compile=regions)"),
+    "stage2_regions": ("stage II, compile=regions",
+                       "PFE stage II, TSAM and the side branches compiled (runtime.compile=regions)"),
     "baseline_eager": ("baseline, eager", "baseline, eager step (runtime.cuda_graph=false)"),
     "stage1_eager": ("stage I, eager", "PFE stage I, eager step (runtime.cuda_graph=false)"),
     "stage2_eager": ("stage II, eager", "PFE stage II, eager step (runtime.cuda_graph=false)"),
@@ -653,9 +657,6 @@ THROUGHPUT_ROWS = {
                       "PFE stage II, BN-folded copy, 1x1 convs as GEMMs (runtime.frozen_main=folded)"),
     "stage2_fused": ("stage II, frozen_main=fused",
                      "PFE stage II, cuDNN conv+ReLU kernels in the folded copy (runtime.frozen_main=fused)"),
-    "baseline_compiled": ("baseline, compile=all", "baseline with everything compiled (runtime.compile=all)"),
-    "stage1_compiled": ("stage I, compile=all", "PFE stage I with everything compiled (runtime.compile=all)"),
-    "stage2_compiled": ("stage II, compile=all", "PFE stage II with everything compiled (runtime.compile=all)"),
     "stage2_frozen_forward": ("stage II's frozen forward alone",
                               "stage II's frozen main branch alone: forward, no grad (the floor of a stage-II step)"),
     "epoch_device_cache": ("stage I epoch from JPEG, cache=device", "stage I, whole epoch from JPEG, data.cache=device"),
@@ -707,8 +708,9 @@ def plot_throughput(report: dict[str, Any], path: str | Path) -> Path:
         axes[1].barh(y, [v or 0.0 for v in memory], color="0.7")
         axes[1].set_xlabel("peak GPU memory (GB)")
     setup = report["setup"]
+    defaults = f"; defaults: compile={setup['compile']}, frozen_main={setup['frozen_main']}" if "compile" in setup else ""
     fig.suptitle(f"pfe-study bench train: {report['card']}, torch {report['torch']}, {setup['backbone']} "
-                 f"{setup['input']}, batch {setup['batch']}, {setup['precision']}", fontsize=10)
+                 f"{setup['input']}, batch {setup['batch']}, {setup['precision']}{defaults}", fontsize=10)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
@@ -732,7 +734,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         + (f", CUDA {host['cuda']}, cuDNN {host['cudnn']}" if report["device"] == "cuda" else "")
         + f", {host['cpu_count']} CPUs. Input {setup['input']}, batch {setup['batch']} ({setup['pk']}), "
         f"{setup['backbone']} ({setup['pretrained']}), {setup['precision']}"
-        + (", channels_last, cudnn.benchmark, fused Adam." if report["device"] == "cuda" else "."),
+        + (", channels_last, cudnn.benchmark, fused Adam." if report["device"] == "cuda" else ".")
+        + (f" The trainer's defaults here (the baseline, stage I and stage II rows): runtime.cuda_graph "
+           f"{setup['cuda_graph']}, runtime.compile {setup['compile']}, runtime.frozen_main {setup['frozen_main']}."
+           if "compile" in setup else ""),
         "",
         "| what | images/s | ms/step | x baseline | peak GPU memory (GB) |",
         "| --- | ---: | ---: | ---: | ---: |",
@@ -750,11 +755,11 @@ def render_markdown(report: dict[str, Any]) -> str:
                      f"{_fmt(r.get('peak_mem_gb'), 2)} |")
     lines += ["", "Ratios: " + ", ".join(f"{k.replace('_', ' ')} {_fmt(report.get(k), 3)}" for k in (
         "stage1_vs_baseline", "stage2_vs_baseline", "stage2_folded_vs_baseline", "stage2_fused_vs_baseline",
-        "stage1_compiled_vs_baseline_compiled", "stage2_compiled_vs_baseline_compiled",
+        "stage1_uncompiled_vs_baseline_uncompiled", "stage2_uncompiled_vs_baseline_uncompiled",
         "stage1_eager_vs_baseline_eager", "stage2_eager_vs_baseline_eager",
         "epoch_from_jpeg_vs_step_from_tensors", "epoch_workers_vs_step_from_tensors"))]
     for key, what in (("cuda_graph_speedup", "CUDA graph (runtime.cuda_graph) against the eager step"),
-                      ("compile_regions_speedup", "runtime.compile=regions against compile=off, both graphed")):
+                      ("compile_speedup", "runtime.compile (the default) against compile=off, both graphed")):
         speedup = {k: v for k, v in report.get(key, {}).items() if v is not None}
         if speedup:
             lines += ["", f"{what}: " + ", ".join(f"{k} {v:.2f}x" for k, v in speedup.items())]
@@ -809,7 +814,6 @@ def cli_bench_train(args: Any) -> int:
     out = Path(args.out)
     report = bench_train(device=args.device, quick=args.quick, out=out,
                          log=lambda message: print(message, file=sys.stderr, flush=True),
-                         compiled=not getattr(args, "skip_compiled", False),
                          only=args.only.split(",") if getattr(args, "only", None) else None)
     stem = f"bench_{report['device']}" + ("_quick" if args.quick else "")
     sys.stdout.write(render_markdown(report))

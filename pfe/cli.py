@@ -93,8 +93,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu | cuda (default: cuda when present)")
     p.add_argument("--out", default="reports/bench", help="output folder for JSON and Markdown")
     p.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
-    p.add_argument("--skip-compiled", action="store_true",
-                   help="train: leave out the runtime.compile=all variants (a minute or more of compilation each)")
     p.add_argument("--only", default=None, metavar="NAMES",
                    help="train: only these measurements, comma-separated (e.g. stage1,stage1_compiled); the "
                    "JPEG set is made only for epoch_* and eval runs only when named")

@@ -168,8 +168,8 @@ class RuntimeConfig(_Section):
     compile: Literal["auto", "off", "regions", "all"] = Field(
         "auto", description="torch.compile (results equal up to rounding; each stage's first steps take "
         "longer): regions: the attention blocks and the side branches, whose memory-bound gates, masks, "
-        "BN, ReLU and pooling Inductor fuses (the convolutions stay cuDNN's); all: also the backbone; "
-        "auto: regions when the step is replayed from a CUDA graph, else off (pfe.model.compile_mode). "
+        "BN, ReLU and pooling Inductor fuses; all: also the backbone (its BN, ReLU and residual adds); "
+        "auto: all when the step is replayed from a CUDA graph, else off (pfe.model.compile_mode). "
         "true / false read as all / off")
     cuda_graph: bool = Field(
         True, description="on a CUDA device, replay each training step from a CUDA graph (the host need not "

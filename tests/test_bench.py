@@ -54,6 +54,13 @@ def test_bench_train_quick_on_cpu_writes_every_key(tmp_path: Path, capsys: pytes
     assert main(["bench", "plot", "--out", str(tmp_path)]) == 0 and figure.stat().st_size > 10_000
 
 
+def test_bench_train_only_makes_the_named_measurements(tmp_path: Path) -> None:
+    assert main(["bench", "train", "--quick", "--device", "cpu", "--out", str(tmp_path), "--only", "baseline,stage2"]) == 0
+    report = json.loads((tmp_path / "bench_cpu_quick.json").read_text())
+    assert set(report["measurements"]) == {"baseline", "stage2"} and report["errors"] == {}
+    assert report["stage2_vs_baseline"] > 0 and report["setup"]["compile"] == "off"  # on a CPU, auto compiles nothing
+
+
 def test_bench_plot_names_what_is_missing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "plot", "--out", str(tmp_path)]) == 2
     assert f"no bench_*.json in {tmp_path}" in capsys.readouterr().err

@@ -34,15 +34,15 @@ SMALL = {
 }
 
 
-def test_the_graph_is_used_on_a_cuda_device_only_and_compiles_regions_there() -> None:
+def test_the_graph_is_used_on_a_cuda_device_only_and_compiles_there() -> None:
     cfg = ExperimentConfig()
     assert cfg.runtime.cuda_graph is True
     assert uses_cuda_graph(cfg, torch.device("cuda"))
     assert not uses_cuda_graph(cfg, torch.device("cpu"))
     assert uses_cuda_graph(cfg.with_overrides({"runtime.compile": True}), torch.device("cuda"))
     assert not uses_cuda_graph(cfg.with_overrides({"runtime.cuda_graph": False}), torch.device("cuda"))
-    # runtime.compile=auto: the attention blocks and side branches, inside the graph only
-    assert compile_mode(cfg.runtime, torch.device("cuda")) == "regions"
+    # runtime.compile=auto: everything, inside the graph only
+    assert compile_mode(cfg.runtime, torch.device("cuda")) == "all"
     assert compile_mode(cfg.runtime, torch.device("cpu")) == "off"
     assert compile_mode(cfg.with_overrides({"runtime.cuda_graph": False}).runtime, torch.device("cuda")) == "off"
     assert compile_mode(cfg.with_overrides({"runtime.compile": True}).runtime, torch.device("cpu")) == "all"
@@ -79,12 +79,12 @@ def _two_steps(cfg: ExperimentConfig, stage: int, device: torch.device, compile:
 
 
 @CUDA
-@pytest.mark.parametrize("compile", ["off", "regions"])
+@pytest.mark.parametrize("compile", ["off", "all"])  # regions passed too (session 5)
 @pytest.mark.parametrize("stage", [1, 2])
 def test_the_graphed_step_trains_as_the_eager_step(stage: int, compile: str) -> None:
     """Same losses step by step and same weights after 12 steps, through a learning-rate change (the step
     is captured again) and a one-off smaller batch (a new shape: run eagerly, the graph kept); the host
-    never waits for the device in a replay. With compile=regions, compiled code runs inside the graph."""
+    never waits for the device in a replay. With compile=all, compiled code runs inside the graph."""
     device = torch.device("cuda")
     cfg = ExperimentConfig().with_overrides({**SMALL, "runtime.device": "cuda"})
     torch.backends.cudnn.benchmark = True

@@ -42,13 +42,14 @@ def frozen_main_mode(runtime: RuntimeConfig) -> str:
 
 
 def compile_mode(runtime: RuntimeConfig, device: torch.device) -> str:
-    """``runtime.compile``, with ``auto`` as ``regions`` when a CUDA device replays the step from a CUDA
-    graph, else ``off``: inside a graph the compiled code's host cost (guards, launches) is paid once at
-    capture, where eager steps pay it on every call (the whole model compiled ran slower eager on an H200,
-    reports/bench/NOTES.md); on a CPU, compiling costs more than it saves in short runs."""
+    """``runtime.compile``, with ``auto`` as ``all`` when a CUDA device replays the step from a CUDA graph,
+    else ``off``. Inside a graph the compiled code's host cost (guards, launches) is paid once, at capture;
+    on an H200 (reports/bench/NOTES.md, session 5) ``all`` was the fastest for every step: baseline 19.4 ms
+    (off: 25.7), stage I 21.9 (regions 28.2, off 32.9), stage II 8.9 (regions 9.6, off 15.8). Eager, the
+    whole model compiled was slower (session 4), and on a CPU compiling costs more than short runs save."""
     if runtime.compile != "auto":
         return runtime.compile
-    return "regions" if runtime.cuda_graph and device.type == "cuda" else "off"
+    return "all" if runtime.cuda_graph and device.type == "cuda" else "off"
 
 
 __all__ = ["PFENet", "PFEOutput", "build_model", "compile_mode", "frozen_main_mode"]
