@@ -33,9 +33,9 @@ def build_model(cfg: ExperimentConfig, num_classes: int, *, pretrained: str | No
 
 def frozen_main_mode(runtime: RuntimeConfig) -> str:
     """``runtime.frozen_main``, with ``auto`` decided as measured on an H200 (reports/bench/NOTES.md):
-    ``fused`` when the step is replayed from a CUDA graph (stage II 15.8 ms against 17.0 folded; cuDNN's
-    fused ops cost host time on every eager call, which a replay does not repeat), else ``folded``
-    (eager: 21.0 ms against 23.3 fused). On a CPU both run the folded copy."""
+    ``fused`` when the step is replayed from a CUDA graph (stage II 9.6 ms against 11.0 folded, session 5;
+    cuDNN's fused ops cost host time on every eager call, which a replay does not repeat), else ``folded``
+    (eager: 21.0 ms against 23.3 fused, session 4). On a CPU both run the folded copy."""
     if runtime.frozen_main != "auto":
         return runtime.frozen_main
     return "fused" if runtime.cuda_graph else "folded"

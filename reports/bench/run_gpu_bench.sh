@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Issue 9's GPU checks and benchmark, one shot, on the device machine (about 4-6 minutes on an H200;
-# the bench is capped at PFE_BENCH_TIMEOUT seconds, 450 by default, so the whole call stays under 10).
+# Issue 9's GPU checks and benchmark, one shot, on the device machine (9-10 minutes on an H200: the tests
+# are capped at PFE_TEST_TIMEOUT, 200 s, the bench at PFE_BENCH_TIMEOUT, 370 s, so the call stays under 10).
 #
 # 1. Here, once per session (pip access needed):   bash reports/bench/fetch_wheels.sh
 # 2. The device call (the `run` tool), from the repo root:
@@ -11,13 +11,16 @@
 #    so it is not made there) and commit them with the figures in the note.
 #
 # What runs: first the GPU-only tests (the device cache's no-sync test, the CUDA evaluation test,
-# tests/test_cuda_graph.py, half of it compiling; PFE_TEST_TIMEOUT, 200 s by default), then `python3 -m pfe.cli bench --device cuda --out $OUT/bench`:
-# `bench train` (baseline, stage I, stage II with the defaults: CUDA graph, frozen_main=auto; the same
-# three steps eager; MFA-dagger; stage II with runtime.frozen_main=modules and with the copy auto did
-# not pick; stage II's frozen forward alone; two stage-I epochs of a generated SynthReID JPEG set through
-# data.cache=device and through DataLoader workers; profiles; the MSMT17-size evaluation; last, stages I
-# and II with runtime.compile, a minute or more of compilation each: PFE_BENCH_ARGS="--device cuda
-# --skip-compiled" leaves them out), then `bench eval` and `bench rerank`. What earlier runs measured:
+# tests/test_cuda_graph.py, half of it compiling; PFE_TEST_TIMEOUT, 200 s by default), then
+# `python3 -m pfe.cli bench --device cuda --out $OUT/bench`: `bench train` (baseline, stage I, stage II
+# with the defaults: CUDA graph, compile=all, frozen_main=auto; the same three graphed with nothing
+# compiled, then eager; two stage-I epochs of a generated SynthReID JPEG set through data.cache=device;
+# stages I and II with compile=regions; stage II with runtime.frozen_main=modules and with the copy auto
+# did not pick; stage II's frozen forward alone; MFA-dagger; the epochs through DataLoader workers;
+# profiles; the MSMT17-size evaluation), then `bench eval` and `bench rerank`. The first step of each
+# compiled variant takes 20-50 s, so the whole bench may be cut at PFE_BENCH_TIMEOUT; the measurements
+# that matter most come first. PFE_BENCH_ARGS="--device cuda --only NAME,NAME" measures just those. What
+# earlier runs measured:
 # reports/bench/NOTES.md. bench_cuda.json is rewritten after every measurement, so a run cut short keeps
 # what it measured. The project runs from the source tree (PYTHONPATH=.); pydantic and its deps come
 # from .whl/.
@@ -48,11 +51,11 @@ nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,clocks.max.sm,tem
   --format=csv 2>&1 | tee "$OUT/bench/log.txt"
 # PFE_BENCH_ARGS only for a dry run elsewhere, e.g. PFE_BENCH_ARGS="train --device cpu --quick"
 # shellcheck disable=SC2086
-timeout "${PFE_BENCH_TIMEOUT:-450}" python3 -m pfe.cli bench ${PFE_BENCH_ARGS:---device cuda} --out "$OUT/bench" 2>&1 \
+timeout "${PFE_BENCH_TIMEOUT:-370}" python3 -m pfe.cli bench ${PFE_BENCH_ARGS:---device cuda} --out "$OUT/bench" 2>&1 \
   | tee -a "$OUT/bench/log.txt"
 rc=${PIPESTATUS[0]}
 rm -f "$OUT"/bench/*.png  # drawn here from the JSON (pfe-study bench plot): the device returns at most 8 files
-echo "=== exit status $rc (124: cut at ${PFE_BENCH_TIMEOUT:-450} s) ==="
+echo "=== exit status $rc (124: cut at ${PFE_BENCH_TIMEOUT:-370} s) ==="
 for f in "$OUT"/bench/bench_*.json; do
   echo "=== $f ==="
   cat "$f" 2>/dev/null || echo "(not written)"
