@@ -2,10 +2,9 @@
 fixes would buy, so that the next changes are chosen from measurements (issue 9).
 
 Run from the repo root: ``PYTHONPATH=. python3 reports/bench/probe_gpu.py OUT_DIR [--quick] [--session5]``.
-``--session5`` (prepared for the next GPU session, not run yet) replaces the last measurement (TSAM
-compiled, eager step) with stage I and II steps compiled inside the CUDA graph: the attention blocks
-alone, or all that runtime.compile compiles. Compiled code made TSAM slower in eager mode, where its
-host cost counted; inside a graph only its kernels do.
+``--session5`` replaces the last measurement (TSAM compiled, eager step) with stage I and II steps
+compiled inside the CUDA graph. It was not run: session 5 measured the same through the trainer itself
+(``runtime.compile=regions`` and ``all``, rows of ``pfe-study bench train``; NOTES.md).
 Writes ``OUT_DIR/probe_<device>.json`` after every measurement (a run cut short keeps what it has).
 
 1. ``ops_*``: the step's device time per aten op and input shapes (torch.profiler, record_shapes), to
