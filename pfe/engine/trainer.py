@@ -282,8 +282,8 @@ class _Run:
         self.workers = resolve_workers(cfg.data.workers)
         log(f"data: {cfg.data.dataset}, {len(self.data.train)} training images; {self.workers} DataLoader "
             f"worker{'' if self.workers == 1 else 's'}" + (" (data.workers=auto)" if cfg.data.workers == "auto" else ""))
-        self.model = place_model(build_model(cfg, self.data.num_train_pids), self.device,
-                                 compile_mode(cfg.runtime, self.device))
+        self.compile = compile_mode(cfg.runtime, self.device)
+        self.model = place_model(build_model(cfg, self.data.num_train_pids), self.device, self.compile)
         self.train_set = ImageDataset(
             self.data.train,
             build_train_transform(cfg.data.height, cfg.data.width, cfg.data.flip_prob, cfg.data.erasing_prob, cfg.data.pad),
@@ -399,8 +399,12 @@ class _Run:
     def stage_step(self, stage: int, optimizer: torch.optim.Optimizer) -> TrainStep:
         """The stage's training step (eager, or replayed from a CUDA graph: runtime.cuda_graph)."""
         graphed = uses_cuda_graph(self.cfg, self.device)
-        if graphed:
-            self.log(f"stage {stage}: the training step runs from a CUDA graph (runtime.cuda_graph)")
+        how = ["runs from a CUDA graph (runtime.cuda_graph)"] if graphed else []
+        if self.compile != "off":
+            how.append(f"is compiled (runtime.compile={self.compile}): its first step waits for torch.compile, "
+                       "30-50 s for ResNet50 on an H200")
+        if how:
+            self.log(f"stage {stage}: the training step {' and '.join(how)}")
         return make_train_step(self.model, optimizer, stage=stage, loss_fn=stage_loss_fn(self.cfg, stage),
                                device=self.device, amp_dtype=self.amp_dtype, cuda_graph=graphed)
 
