@@ -15,6 +15,7 @@ from pfe.engine.trainer import (
     build_optimizer,
     make_train_step,
     place_model,
+    resolved_runtime,
     stage_loss_fn,
     uses_cuda_graph,
 )
@@ -47,6 +48,13 @@ def test_the_graph_is_used_on_a_cuda_device_only_and_compiles_there() -> None:
     assert compile_mode(cfg.with_overrides({"runtime.cuda_graph": False}).runtime, torch.device("cuda")) == "off"
     assert compile_mode(cfg.with_overrides({"runtime.compile": True}).runtime, torch.device("cpu")) == "all"
     assert cfg.with_overrides({"runtime.compile": False}).runtime.compile == "off"
+    # what a run records of its auto settings (MLflow tags pfe.resolved.*)
+    on_gpu, on_cpu = resolved_runtime(cfg, torch.device("cuda")), resolved_runtime(cfg, torch.device("cpu"))
+    assert {k: on_gpu[k] for k in ("runtime.precision", "runtime.cuda_graph", "runtime.compile", "runtime.frozen_main")} \
+        == {"runtime.precision": "bf16", "runtime.cuda_graph": "true", "runtime.compile": "all", "runtime.frozen_main": "fused"}
+    assert {k: on_cpu[k] for k in ("runtime.precision", "runtime.cuda_graph", "runtime.compile", "runtime.frozen_main")} \
+        == {"runtime.precision": "fp32", "runtime.cuda_graph": "false", "runtime.compile": "off", "runtime.frozen_main": "folded"}
+    assert on_cpu["data.workers"].isdigit()
     # an environment key: it does not change what a run computes, so not its identity
     off = cfg.with_overrides({"runtime.cuda_graph": False})
     assert (off.config_hash(), off.stage1_key()) == (cfg.config_hash(), cfg.stage1_key())

@@ -33,6 +33,10 @@ def test_tiny_study_mlflow_layout(tiny_study_run: StudyRun) -> None:
     assert stage1.data.tags["pfe.shared_by"] == "3" and stage1.data.tags["pfe.status"] == "finished"
     assert stage1.data.tags["pfe.epochs_done"] == stage1.data.tags["pfe.epochs_asked"] == "2"
     assert float(stage1.data.tags["pfe.wall_s"]) > 0 and stage1.data.tags["pfe.device_kind"] == "cpu"
+    # how the trial really ran (its auto settings resolved)
+    assert stage1.data.tags["pfe.resolved.data.workers"] == "0" and stage1.data.tags["pfe.resolved.runtime.device"] == "cpu"
+    assert stage1.data.tags["pfe.resolved.runtime.compile"] == "off"
+    assert stage1.data.tags["pfe.resolved.runtime.precision"] == "fp32"
     for trial in spec.expand():
         (r,) = [x for x in runs if x.data.tags.get("pfe.trial_id") == trial.trial_id]
         tags = r.data.tags

@@ -38,7 +38,7 @@ from pfe.engine import checkpoint as ckpt
 from pfe.engine.evaluation import evaluate_features, extract_features
 from pfe.engine.graphed import GraphedTrainStep
 from pfe.errors import PFEError
-from pfe.model import PFENet, PFEOutput, build_model, compile_mode
+from pfe.model import PFENet, PFEOutput, build_model, compile_mode, frozen_main_mode
 
 RESULT_FILE = "result.json"
 
@@ -89,6 +89,23 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return None
+
+
+def resolved_runtime(cfg: ExperimentConfig, device: torch.device) -> dict[str, str]:
+    """What the ``auto`` settings of ``cfg`` become on ``device``: how the run really executes, for the
+    record (MLflow tags ``pfe.resolved.*``)."""
+    amp = autocast_dtype(cfg.runtime.precision, device)
+    frozen = frozen_main_mode(cfg.runtime)
+    if frozen == "fused" and device.type != "cuda":
+        frozen = "folded"  # cuDNN's fused kernels exist on a GPU only; elsewhere the copy stays folded
+    return {
+        "runtime.device": str(device),
+        "runtime.precision": "bf16" if amp is torch.bfloat16 else "fp32",
+        "data.workers": str(resolve_workers(cfg.data.workers)),
+        "runtime.cuda_graph": str(uses_cuda_graph(cfg, device)).lower(),
+        "runtime.compile": compile_mode(cfg.runtime, device),
+        "runtime.frozen_main": frozen,
+    }
 
 
 def seed_everything(seed: int, deterministic: bool | None = None) -> None:

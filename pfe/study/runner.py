@@ -823,6 +823,7 @@ class _Reporter:
         self.started = time.perf_counter()
         self.pending: dict[str, float] | None = None
         self.device = "cpu"
+        self.resolved: dict[str, str] = {}  # the run's auto settings as resolved (pfe.engine.trainer.resolved_runtime)
         self.offset = 0
         cfg = payload["cfg"]
         self.stage_epochs = {1: cfg["stage1"]["epochs"], 2: cfg["stage2"]["epochs"]}
@@ -840,6 +841,7 @@ class _Reporter:
             "pfe_elapsed": time.perf_counter() - self.started,
             "pfe_device": self.device,
             "pfe_host": socket.gethostname(),
+            "pfe_resolved": json.dumps(self.resolved, sort_keys=True),
         }
 
     def epoch(self, stage: int, epoch: int, metrics: dict[str, float], checkpoint: Path | None) -> None:
@@ -947,7 +949,7 @@ def _trainable(config: dict[str, Any]) -> None:
     if payload.get("simulate"):
         _simulated(payload)
         return
-    from pfe.engine.trainer import TrainHooks, device_kind, resolve_device, train
+    from pfe.engine.trainer import TrainHooks, device_kind, resolve_device, resolved_runtime, train
 
     cfg = _trial_workers(validate_config(payload["cfg"]))
     root = Path(tempfile.gettempdir()) / "pfe-trials" / f"{payload['role']}-{payload['key'][:16]}-{os.getpid()}"
@@ -955,7 +957,8 @@ def _trainable(config: dict[str, Any]) -> None:
     shutil.rmtree(root, ignore_errors=True)
     workdir.mkdir(parents=True)
     reporter = _Reporter(payload, workdir)
-    reporter.device = device_kind(resolve_device(cfg.runtime.device))
+    device = resolve_device(cfg.runtime.device)
+    reporter.device, reporter.resolved = device_kind(device), resolved_runtime(cfg, device)
     try:
         checkpoint = tune.get_checkpoint()
         if checkpoint is None and payload.get("resume_uri"):

@@ -376,7 +376,8 @@ def make_tracking_callback(
 
     ``open_run(trial.config) -> (RunRecord, payload)`` opens (or reopens, on a resume) the trial's run.
     Results carry ``pfe_step`` (the MLflow step), ``pfe_epochs_done``, ``pfe_elapsed`` (seconds of this
-    attempt), ``pfe_device``, ``pfe_host``, optionally ``pfe_final`` and ``pfe_cmc``; the checkpoint's
+    attempt), ``pfe_device``, ``pfe_host``, ``pfe_resolved`` (JSON: the auto settings as the trial resolved
+    them; tags ``pfe.resolved.*``), optionally ``pfe_final`` and ``pfe_cmc``; the checkpoint's
     storage URI is recorded in the same batch as the epoch's metrics (tag ``pfe.checkpoint``).
     """
     base = _tune_callback_base()
@@ -421,6 +422,8 @@ def make_tracking_callback(
                     tags["pfe.gpu_fraction"] = f"{gpu_fraction.get(state.rec.role, 0.0):g}"
             if result.get("pfe_host"):
                 tags["pfe.host"] = str(result["pfe_host"])
+            for key, value in json.loads(result.get("pfe_resolved") or "{}").items():
+                tags[f"pfe.resolved.{key}"] = value  # e.g. data.workers: auto -> the count the trial used
             if result.get("checkpoint_dir_name") and trial.path:
                 tags["pfe.checkpoint"] = f"{prefix}{trial.path}/{result['checkpoint_dir_name']}"
             step = int(result.get("pfe_step", result.get("training_iteration", 0)))
