@@ -15,9 +15,9 @@
 # `python3 -m pfe.cli bench --device cuda --out $OUT/bench`: `bench train` (baseline, stage I, stage II
 # with the defaults: CUDA graph, compile=all, frozen_main=auto; the same three graphed with nothing
 # compiled, then eager; two stage-I epochs of a generated SynthReID JPEG set through data.cache=device;
-# stages I and II with compile=regions; stage II with runtime.frozen_main=modules and with the copy auto
-# did not pick; stage II's frozen forward alone; MFA-dagger; the epochs through DataLoader workers;
-# profiles; the MSMT17-size evaluation), then `bench eval` and `bench rerank`. The first step of each
+# the MSMT17-size evaluation; profiles; stages I and II with compile=regions; stage II with
+# runtime.frozen_main=modules and with the copy auto did not pick; stage II's frozen forward alone;
+# MFA-dagger; the epochs through DataLoader workers), then `bench eval` and `bench rerank`. The first step of each
 # compiled variant takes 20-50 s, so the whole bench may be cut at PFE_BENCH_TIMEOUT; the measurements
 # that matter most come first. PFE_BENCH_ARGS="--device cuda --only NAME,NAME" measures just those. What
 # earlier runs measured:
