@@ -70,6 +70,9 @@ class TSAM(nn.Module):
         return self.seb.mask(f1) * f1  # Eq. (14): F'' = M_SEB(F') (x) F'
 
 
+ATTENTION_BLOCKS = (SEB, FAB, TSAM)  # the module types build_attention makes (besides nn.Identity)
+
+
 def build_attention(name: str, channels: int, reduction: int = 16) -> nn.Module:
     """The attention block ``name`` (none | seb | fab | tsam) for a C-channel map."""
     if name == "none":

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.fx.experimental.optimization import fuse
 
-from pfe.model.attention import FAB, SEB, TSAM
+from pfe.model.attention import ATTENTION_BLOCKS
 
 FROZEN_MAIN = ("modules", "folded", "fused")
 # Inductor settings for what pfe compiles. Static shapes: a training step has one batch shape, and the four
@@ -71,7 +71,7 @@ class _AttentionLeaves(fx.Tracer):
     """Traces the main branch with each attention block kept as one module (to be compiled on its own)."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, (SEB, FAB, TSAM)) or super().is_leaf_module(m, module_qualified_name)
+        return isinstance(m, ATTENTION_BLOCKS) or super().is_leaf_module(m, module_qualified_name)
 
 
 class _MainBranch(nn.Module):
@@ -280,7 +280,7 @@ class FrozenMainBranch:
             return compiled(copy)
         if self.compile == "regions":  # the attention blocks the copy calls as modules
             for node in copy.graph.nodes:
-                if node.op == "call_module" and isinstance(copy.get_submodule(node.target), (SEB, FAB, TSAM)):
+                if node.op == "call_module" and isinstance(copy.get_submodule(node.target), ATTENTION_BLOCKS):
                     parent, _, name = node.target.rpartition(".")
                     setattr(copy.get_submodule(parent), name, compiled(copy.get_submodule(node.target)))
         return copy
