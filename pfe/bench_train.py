@@ -101,7 +101,8 @@ def bench_configs(sizes: Sizes, device: torch.device) -> dict[str, ExperimentCon
     """The configs measured: baseline, stage I (TSAM), stage II (MFA, cascade, RO), MFA-dagger, stage II
     with the frozen main branch run as checkpointed (no BN folding) and with cuDNN conv+ReLU kernels;
     the steps eager (no CUDA graph, nothing compiled), graphed without compiling (runtime.compile=off) and
-    with PFE's own parts alone compiled (runtime.compile=regions), to show what the defaults buy."""
+    with PFE's own parts alone compiled (runtime.compile=regions), to show what the defaults buy; the
+    baseline and stage I with Inductor's autotuning (runtime.autotune)."""
     overrides: dict[str, Any] = {
         "data.height": sizes.height,
         "data.width": sizes.width,
@@ -117,24 +118,25 @@ def bench_configs(sizes: Sizes, device: torch.device) -> dict[str, ExperimentCon
     if sizes.side_dim is not None:
         overrides["model.side_dim"] = sizes.side_dim
     base = ExperimentConfig().with_overrides(overrides)
+    baseline = base.with_overrides({"model.attention": "none", "model.side": "none"})
     return {
-        "baseline": base.with_overrides({"model.attention": "none", "model.side": "none"}),
+        "baseline": baseline,
         "stage1": base,
         "stage2": base,
         "stage2_separable": base.with_overrides({"model.separable": True}),
         "stage2_unfolded": base.with_overrides({"runtime.frozen_main": "modules"}),
         "stage2_folded": base.with_overrides({"runtime.frozen_main": "folded"}),
         "stage2_fused": base.with_overrides({"runtime.frozen_main": "fused"}),
-        "baseline_eager": base.with_overrides({"model.attention": "none", "model.side": "none",
-                                               "runtime.cuda_graph": False}),
+        "baseline_eager": baseline.with_overrides({"runtime.cuda_graph": False}),
         "stage1_eager": base.with_overrides({"runtime.cuda_graph": False}),
         "stage2_eager": base.with_overrides({"runtime.cuda_graph": False}),
-        "baseline_uncompiled": base.with_overrides({"model.attention": "none", "model.side": "none",
-                                                    "runtime.compile": "off"}),
+        "baseline_uncompiled": baseline.with_overrides({"runtime.compile": "off"}),
         "stage1_uncompiled": base.with_overrides({"runtime.compile": "off"}),
         "stage2_uncompiled": base.with_overrides({"runtime.compile": "off"}),
         "stage1_regions": base.with_overrides({"runtime.compile": "regions"}),
         "stage2_regions": base.with_overrides({"runtime.compile": "regions"}),
+        **{f"{name}_{tuning}": cfg.with_overrides({"runtime.autotune": tuning})
+           for name, cfg in (("baseline", baseline), ("stage1", base)) for tuning in AUTOTUNED},
     }
 
 
@@ -237,10 +239,11 @@ def build_step(cfg: ExperimentConfig, stage: int, sizes: Sizes, device: torch.de
         stage_loss_fn,
         uses_cuda_graph,
     )
-    from pfe.model import build_model, compile_mode
+    from pfe.model import autotune_mode, build_model, compile_mode
 
     seed_everything(cfg.runtime.seed, cfg.runtime.deterministic)  # cudnn.benchmark as the trainer sets it
-    model = place_model(build_model(cfg, sizes.num_classes), device, compile_mode(cfg.runtime, device))
+    model = place_model(build_model(cfg, sizes.num_classes), device, compile_mode(cfg.runtime, device),
+                        autotune_mode(cfg.runtime, device))
     model.set_stage(stage)
     model.train()  # in stage 2 the main branch stays in eval mode
     amp = autocast_dtype(cfg.runtime.precision, device) if amp_dtype == "auto" else amp_dtype
@@ -472,9 +475,11 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
+AUTOTUNED = ("coordinate_descent", "max_autotune")  # runtime.autotune: the baseline and stage I, each way
 # The step measurements, in the order the report lists them: the baseline first, the frozen forward last.
 STEP_MEASUREMENTS = ("baseline", "stage1", "stage2", "baseline_uncompiled", "stage1_uncompiled", "stage2_uncompiled",
                      "stage1_regions", "stage2_regions", "baseline_eager", "stage1_eager", "stage2_eager",
+                     *(f"{name}_{tuning}" for tuning in AUTOTUNED for name in ("baseline", "stage1")),
                      "stage2_separable", "stage2_unfolded", "stage2_folded", "stage2_fused", "stage2_frozen_forward")
 GRAPHED = ("baseline", "stage1", "stage2")  # measured with the defaults, eager, and graphed without compiling
 
@@ -495,6 +500,8 @@ def summarise(report: dict[str, Any]) -> None:
     for name in ("stage1", "stage2"):  # the ratios with an eager trainer, and with a graphed one compiling nothing
         report[f"{name}_eager_vs_baseline_eager"] = _ratio(get(f"{name}_eager"), get("baseline_eager"))
         report[f"{name}_uncompiled_vs_baseline_uncompiled"] = _ratio(get(f"{name}_uncompiled"), get("baseline_uncompiled"))
+    for tuning in AUTOTUNED:  # stage I against the baseline, both tuned the same way
+        report[f"stage1_{tuning}_vs_baseline_{tuning}"] = _ratio(get(f"stage1_{tuning}"), get(f"baseline_{tuning}"))
     report["step_from_tensors_img_s"] = get("stage1")
     report["epoch_from_jpeg_img_s"] = get("epoch_device_cache")
     report["epoch_from_jpeg_workers_img_s"] = get("epoch_workers")
@@ -525,7 +532,7 @@ def bench_train(device: str = "auto", quick: bool = False, out: str | Path | Non
     """Run the training benchmark; returns the report (also written to ``out/bench_<device>[_quick].json``).
     ``only``: the measurements to make (names as in the report), all by default."""
     from pfe.engine.trainer import resolve_device, uses_cuda_graph
-    from pfe.model import compile_mode, frozen_main_mode
+    from pfe.model import autotune_mode, compile_mode, frozen_main_mode
 
     dev = resolve_device(device)
     sizes = QUICK if quick else FULL
@@ -619,6 +626,10 @@ def bench_train(device: str = "auto", quick: bool = False, out: str | Path | Non
         # the acceptance items are measured by now; the rest explains them (a capped GPU run may stop early)
         eval_size = sizes.eval_size if dev.type == "cuda" or quick else "market1501"
         measure("eval", lambda: time_eval(eval_size, dev, 1 if quick else 3))
+        if autotune_mode(configs["stage1_max_autotune"].runtime, dev) != "off":  # compiled on a GPU: tuning applies
+            for tuning in AUTOTUNED:
+                for name in ("baseline", "stage1"):
+                    steps(f"{name}_{tuning}")
         for name, stage in (("baseline", 1), ("stage1", 1), ("stage2", 2)):
             measure(f"profile_{name}", lambda name=name, stage=stage: profile_step(configs[name], stage, sizes, dev))
         if uses_cuda_graph(configs["stage1"], dev):
@@ -648,6 +659,9 @@ THROUGHPUT_ROWS = {
     "stage1_regions": ("stage I, compile=regions", "PFE stage I, TSAM alone compiled (runtime.compile=regions)"),
     "stage2_regions": ("stage II, compile=regions",
                        "PFE stage II, TSAM and the side branches compiled (runtime.compile=regions)"),
+    **{f"{name}_{tuning}": (f"{short}, {tuning}", f"{long}, with runtime.autotune={tuning}")
+       for tuning in AUTOTUNED for name, short, long in (("baseline", "baseline", "baseline (BoT)"),
+                                                         ("stage1", "stage I", "PFE stage I"))},
     "baseline_eager": ("baseline, eager", "baseline, eager step (runtime.cuda_graph=false)"),
     "stage1_eager": ("stage I, eager", "PFE stage I, eager step (runtime.cuda_graph=false)"),
     "stage2_eager": ("stage II, eager", "PFE stage II, eager step (runtime.cuda_graph=false)"),
@@ -667,8 +681,8 @@ THROUGHPUT_ROWS = {
 
 
 def plot_throughput(report: dict[str, Any], path: str | Path) -> Path:
-    """The report as a figure: images/s of each measurement with its ratio to the baseline (whole epochs:
-    to stage I's step), the issue's bounds as lines (stage I 0.9x, stage II 2.0x, epochs 0.95x stage I,
+    """The report as a figure: images/s of each measurement with its ratio to the baseline of the same settings
+    (whole epochs: to stage I's step), the issue's bounds as lines (stage I 0.9x, stage II 2.0x, epochs 0.95x stage I,
     1,850 images/s on a GPU), and peak GPU memory."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -689,7 +703,8 @@ def plot_throughput(report: dict[str, Any], path: str | Path) -> Path:
     bars = axes[0].barh(y, speed, color=[colours[k.split("_")[0]] for k in keys])
     step1 = report.get("step_from_tensors_img_s")
     for key, bar, value in zip(keys, bars, speed):  # epochs against stage I's step, as the issue's bound
-        ratio, of = (_ratio(value, step1), "x stage I") if key.startswith("epoch") else (_ratio(value, base), "x")
+        ratio, of = (_ratio(value, step1), "x stage I") if key.startswith("epoch") else (
+            _ratio(value, baseline_for(key, m)), "x")
         axes[0].annotate(f" {value:,.0f}" + (f"  ({ratio:.2f}{of})" if ratio is not None else ""),
                          (bar.get_width(), bar.get_y() + bar.get_height() / 2), va="center", fontsize=8)
     bounds = [(0.9 * base, "stage I bound, 0.9x", colours["stage1"]), (2.0 * base, "stage II bound, 2.0x",
@@ -718,6 +733,15 @@ def plot_throughput(report: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
+def baseline_for(key: str, measurements: dict[str, Any]) -> float | None:
+    """The baseline images/s a step is compared with: the baseline measured with the same settings
+    (``stage1_eager`` -> ``baseline_eager``, ``stage1_max_autotune`` -> ``baseline_max_autotune``) where there
+    is one, else the default baseline."""
+    _, _, setting = key.partition("_")
+    same = measurements.get(f"baseline_{setting}") if setting and key.startswith("stage") else None
+    return (same or measurements.get("baseline") or {}).get("img_s")
+
+
 def _fmt(value: Any, digits: int = 1) -> str:
     if value is None:
         return "n/a"
@@ -740,10 +764,9 @@ def render_markdown(report: dict[str, Any]) -> str:
            f"{setup['cuda_graph']}, runtime.compile {setup['compile']}, runtime.frozen_main {setup['frozen_main']}."
            if "compile" in setup else ""),
         "",
-        "| what | images/s | ms/step | x baseline | peak GPU memory (GB) |",
+        "| what | images/s | ms/step | x baseline (same settings) | peak GPU memory (GB) |",
         "| --- | ---: | ---: | ---: | ---: |",
     ]
-    base = report.get("baseline_img_s")
     for key, (_, label) in THROUGHPUT_ROWS.items():
         label = label.format(net=setup["backbone"])
         r = m.get(key)
@@ -752,12 +775,14 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {label} | {status} | | | |")
             continue
         ms = r.get("step_ms")
-        lines.append(f"| {label} | {_fmt(r['img_s'])} | {_fmt(ms, 2)} | {_fmt(_ratio(r['img_s'], base), 2)} | "
+        ratio = _ratio(r["img_s"], baseline_for(key, m))
+        lines.append(f"| {label} | {_fmt(r['img_s'])} | {_fmt(ms, 2)} | {_fmt(ratio, 2)} | "
                      f"{_fmt(r.get('peak_mem_gb'), 2)} |")
     lines += ["", "Ratios: " + ", ".join(f"{k.replace('_', ' ')} {_fmt(report.get(k), 3)}" for k in (
         "stage1_vs_baseline", "stage2_vs_baseline", "stage2_folded_vs_baseline", "stage2_fused_vs_baseline",
         "stage1_uncompiled_vs_baseline_uncompiled", "stage2_uncompiled_vs_baseline_uncompiled",
         "stage1_eager_vs_baseline_eager", "stage2_eager_vs_baseline_eager",
+        *(f"stage1_{tuning}_vs_baseline_{tuning}" for tuning in AUTOTUNED),
         "epoch_from_jpeg_vs_step_from_tensors", "epoch_workers_vs_step_from_tensors"))]
     for key, what in (("cuda_graph_speedup", "CUDA graph (runtime.cuda_graph) against the eager step"),
                       ("compile_speedup", "runtime.compile (the default) against compile=off, both graphed")):

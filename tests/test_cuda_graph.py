@@ -19,8 +19,8 @@ from pfe.engine.trainer import (
     stage_loss_fn,
     uses_cuda_graph,
 )
-from pfe.model import build_model, compile_mode
-from pfe.model.frozen import main_branch_maps
+from pfe.model import autotune_mode, build_model, compile_mode
+from pfe.model.frozen import compiled, main_branch_maps
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 SMALL = {
@@ -58,6 +58,24 @@ def test_the_graph_is_used_on_a_cuda_device_only_and_compiles_there() -> None:
     # an environment key: it does not change what a run computes, so not its identity
     off = cfg.with_overrides({"runtime.cuda_graph": False})
     assert (off.config_hash(), off.stage1_key()) == (cfg.config_hash(), cfg.stage1_key())
+
+
+def test_autotuning_applies_where_something_is_compiled_on_a_gpu() -> None:
+    cfg = ExperimentConfig().with_overrides({"runtime.autotune": "max_autotune"})
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    assert ExperimentConfig().runtime.autotune == "off"
+    assert autotune_mode(cfg.runtime, gpu) == "max_autotune"
+    assert autotune_mode(cfg.runtime, cpu) == "off"  # nothing to tune in Inductor's CPU kernels
+    assert autotune_mode(cfg.with_overrides({"runtime.compile": "off"}).runtime, gpu) == "off"  # nothing compiled
+    assert autotune_mode(cfg.with_overrides({"runtime.cuda_graph": False}).runtime, gpu) == "off"  # auto = off
+    assert resolved_runtime(cfg, gpu)["runtime.autotune"] == "max_autotune"
+    assert resolved_runtime(cfg, cpu)["runtime.autotune"] == "off"
+    # compile time only: not part of a run's identity
+    assert (cfg.config_hash(), cfg.stage1_key()) == (ExperimentConfig().config_hash(), ExperimentConfig().stage1_key())
+    with pytest.raises(ValueError, match="runtime.autotune"):
+        ExperimentConfig().with_overrides({"runtime.autotune": "fast"})
+    with pytest.raises(ValueError, match="runtime.autotune: unknown 'fast'"):
+        compiled(torch.nn.Identity(), "fast")
 
 
 def test_a_graph_needs_a_cuda_device() -> None:

@@ -38,7 +38,7 @@ from pfe.engine import checkpoint as ckpt
 from pfe.engine.evaluation import evaluate_features, extract_features
 from pfe.engine.graphed import GraphedTrainStep
 from pfe.errors import PFEError
-from pfe.model import PFENet, PFEOutput, build_model, compile_mode, frozen_main_mode
+from pfe.model import PFENet, PFEOutput, autotune_mode, build_model, compile_mode, frozen_main_mode
 
 RESULT_FILE = "result.json"
 
@@ -104,6 +104,7 @@ def resolved_runtime(cfg: ExperimentConfig, device: torch.device) -> dict[str, s
         "data.workers": str(resolve_workers(cfg.data.workers)),
         "runtime.cuda_graph": str(uses_cuda_graph(cfg, device)).lower(),
         "runtime.compile": compile_mode(cfg.runtime, device),
+        "runtime.autotune": autotune_mode(cfg.runtime, device),
         "runtime.frozen_main": frozen,
     }
 
@@ -165,13 +166,14 @@ def extract_split_features(
     return q, g, q_pids, g_pids, q_cams, g_cams
 
 
-def place_model(model: PFENet, device: torch.device, compile: str = "off") -> PFENet:
+def place_model(model: PFENet, device: torch.device, compile: str = "off", autotune: str = "off") -> PFENet:
     """The model on ``device``; channels_last on a GPU (faster convolutions with bf16); what training runs
-    through torch.compile as ``compile`` says (off | regions | all; ``PFENet.compile_blocks``)."""
+    through torch.compile as ``compile`` says (off | regions | all), with Inductor's ``autotune`` (off |
+    coordinate_descent | max_autotune; ``PFENet.compile_blocks``)."""
     model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    return model.compile_blocks(compile) if compile != "off" else model
+    return model.compile_blocks(compile, autotune) if compile != "off" else model
 
 
 LossFn = Callable[[PFEOutput, torch.Tensor], dict[str, torch.Tensor]]
@@ -300,7 +302,8 @@ class _Run:
         log(f"data: {cfg.data.dataset}, {len(self.data.train)} training images; {self.workers} DataLoader "
             f"worker{'' if self.workers == 1 else 's'}" + (" (data.workers=auto)" if cfg.data.workers == "auto" else ""))
         self.compile = compile_mode(cfg.runtime, self.device)
-        self.model = place_model(build_model(cfg, self.data.num_train_pids), self.device, self.compile)
+        self.autotune = autotune_mode(cfg.runtime, self.device)
+        self.model = place_model(build_model(cfg, self.data.num_train_pids), self.device, self.compile, self.autotune)
         self.train_set = ImageDataset(
             self.data.train,
             build_train_transform(cfg.data.height, cfg.data.width, cfg.data.flip_prob, cfg.data.erasing_prob, cfg.data.pad),
@@ -418,8 +421,9 @@ class _Run:
         graphed = uses_cuda_graph(self.cfg, self.device)
         how = ["runs from a CUDA graph (runtime.cuda_graph)"] if graphed else []
         if self.compile != "off":
-            how.append(f"is compiled (runtime.compile={self.compile}): its first step waits for torch.compile, "
-                       "30-50 s for ResNet50 on an H200")
+            tuned = f", runtime.autotune={self.autotune}" if self.autotune != "off" else ""
+            how.append(f"is compiled (runtime.compile={self.compile}{tuned}): its first step waits for torch.compile, "
+                       "30-50 s for ResNet50 on an H200" + (", longer while it autotunes" if tuned else ""))
         if how:
             self.log(f"stage {stage}: the training step {' and '.join(how)}")
         return make_train_step(self.model, optimizer, stage=stage, loss_fn=stage_loss_fn(self.cfg, stage),

@@ -52,4 +52,10 @@ def compile_mode(runtime: RuntimeConfig, device: torch.device) -> str:
     return "all" if runtime.cuda_graph and device.type == "cuda" else "off"
 
 
-__all__ = ["PFENet", "PFEOutput", "build_model", "compile_mode", "frozen_main_mode"]
+def autotune_mode(runtime: RuntimeConfig, device: torch.device) -> str:
+    """``runtime.autotune`` where it applies: on a GPU, when something is compiled; else ``off`` (Inductor's
+    CPU kernels have no block sizes to tune, and its CPU GEMM templates would only slow the compile)."""
+    return runtime.autotune if device.type == "cuda" and compile_mode(runtime, device) != "off" else "off"
+
+
+__all__ = ["PFENet", "PFEOutput", "autotune_mode", "build_model", "compile_mode", "frozen_main_mode"]

@@ -47,14 +47,27 @@ FROZEN_MAIN = ("modules", "folded", "fused")
 # matrix products on the NHWC view: faster than cuDNN's with the bias on an H200 (PointwiseConv below).
 COMPILE_OPTIONS: dict = {"dynamic": False, "options": {"conv_1x1_as_mm": True}}
 RECOMPILE_LIMIT = 64
+# runtime.autotune: how long Inductor searches for faster kernels (compile time; results equal up to rounding).
+# coordinate_descent tunes the block sizes of Inductor's own Triton kernels (TSAM's gates, BN, ReLU, adds);
+# max_autotune also benchmarks Triton GEMM and conv templates, whose epilogues can take the pointwise work
+# that follows, against cuBLAS and cuDNN (the options of torch.compile's mode="max-autotune-no-cudagraphs").
+AUTOTUNE_OPTIONS: dict[str, dict[str, bool]] = {
+    "off": {},
+    "coordinate_descent": {"coordinate_descent_tuning": True},
+    "max_autotune": {"max_autotune": True, "coordinate_descent_tuning": True},
+}
 
 
-def compiled(fn):  # noqa: ANN001, ANN201 (a module or a function, returned compiled)
-    """``torch.compile(fn)`` with :data:`COMPILE_OPTIONS`. Each compiled block or copy is one more entry for
-    the same code object (TSAM.forward: four sizes, in stage I and in the frozen copy; each batch shape):
-    dynamo's default limit of 8 would silently leave the rest uncompiled, so it is raised."""
+def compiled(fn, autotune: str = "off"):  # noqa: ANN001, ANN201 (a module or a function, returned compiled)
+    """``torch.compile(fn)`` with :data:`COMPILE_OPTIONS` and ``autotune``'s :data:`AUTOTUNE_OPTIONS`. Each
+    compiled block or copy is one more entry for the same code object (TSAM.forward: four sizes, in stage I
+    and in the frozen copy; each batch shape): dynamo's default limit of 8 would silently leave the rest
+    uncompiled, so it is raised."""
+    if autotune not in AUTOTUNE_OPTIONS:
+        raise ValueError(f"runtime.autotune: unknown {autotune!r}; choose one of {', '.join(AUTOTUNE_OPTIONS)}")
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-    return torch.compile(fn, **COMPILE_OPTIONS)
+    options = {**COMPILE_OPTIONS["options"], **AUTOTUNE_OPTIONS[autotune]}
+    return torch.compile(fn, dynamic=COMPILE_OPTIONS["dynamic"], options=options)
 
 
 def main_branch_maps(backbone: nn.Module, attention: nn.ModuleList, images: Tensor) -> list[Tensor]:
@@ -247,7 +260,9 @@ class FrozenMainBranch:
         if mode not in ("folded", "fused"):
             raise ValueError(f"runtime.frozen_main: a copy is folded or fused, got {mode!r}")
         self.mode = mode
-        self.compile = "off"  # set by PFENet.compile_blocks: off | regions (attention blocks) | all (the copy)
+        # set by PFENet.compile_blocks: off | regions (attention blocks) | all (the copy), and runtime.autotune
+        self.compile = "off"
+        self.autotune = "off"
         self._key: tuple | None = None
         self._folded: nn.Module | None = None
 
@@ -277,12 +292,12 @@ class FrozenMainBranch:
                 warnings.warn(f"runtime.frozen_main=fused: {problem}; stage II runs the folded copy instead",
                               RuntimeWarning, stacklevel=3)
         if self.compile == "all":
-            return compiled(copy)
+            return compiled(copy, self.autotune)
         if self.compile == "regions":  # the attention blocks the copy calls as modules
             for node in copy.graph.nodes:
                 if node.op == "call_module" and isinstance(copy.get_submodule(node.target), ATTENTION_BLOCKS):
                     parent, _, name = node.target.rpartition(".")
-                    setattr(copy.get_submodule(parent), name, compiled(copy.get_submodule(node.target)))
+                    setattr(copy.get_submodule(parent), name, compiled(copy.get_submodule(node.target), self.autotune))
         return copy
 
     def __call__(self, backbone: nn.Module, attention: nn.ModuleList, images: Tensor) -> list[Tensor]:

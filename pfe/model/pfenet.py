@@ -175,26 +175,30 @@ class PFENet(nn.Module):
         return self
 
     # ---- forward -------------------------------------------------------------------------------
-    def compile_blocks(self, mode: str = "all") -> PFENet:
+    def compile_blocks(self, mode: str = "all", autotune: str = "off") -> PFENet:
         """``torch.compile`` what training runs (evaluation keeps the modules); state-dict keys stay as they are.
 
         ``regions``: each attention block and the side branches, and the attention blocks of stage II's
         frozen copy. Inductor fuses their memory-bound work (TSAM's gates and products, the masks, the
         side branches' BN, ReLU and pooling); the backbone stays as it is (cuDNN, or the folded copy's
         GEMMs and fused kernels). ``all``: also the backbone (one graph for the main branch) and the
-        whole frozen copy. ``off``: nothing. Shapes are compiled as static (pfe.model.frozen.compiled)."""
+        whole frozen copy. ``off``: nothing. Shapes are compiled as static; ``autotune`` (off |
+        coordinate_descent | max_autotune) says how long Inductor searches for faster kernels
+        (pfe.model.frozen.compiled)."""
         if mode not in COMPILE:
             raise ValueError(f"runtime.compile: unknown {mode!r}; choose one of {', '.join(COMPILE)}")
+        compile_fn = functools.partial(compiled, autotune=autotune)
         self._compiled = {}
         if mode == "regions":
-            blocks = [b if isinstance(b, nn.Identity) else compiled(b) for b in self.attention]
+            blocks = [b if isinstance(b, nn.Identity) else compile_fn(b) for b in self.attention]
             self._compiled["main_maps"] = functools.partial(main_branch_maps, self.backbone, blocks)
         elif mode == "all":
-            self._compiled["main_maps"] = functools.partial(compiled(main_branch_maps), self.backbone, self.attention)
+            self._compiled["main_maps"] = functools.partial(compile_fn(main_branch_maps), self.backbone, self.attention)
         if mode != "off" and self.side is not None:
-            self._compiled["side"] = compiled(self.side)
+            self._compiled["side"] = compile_fn(self.side)
         if self._frozen_copy is not None:
             self._frozen_copy.compile = mode
+            self._frozen_copy.autotune = autotune
         return self
 
     def main_maps(self, images: Tensor) -> list[Tensor]:
