@@ -41,7 +41,7 @@ def test_auto_workers_in_a_trial_count_the_cpus_reserved_for_it() -> None:
     import ray
 
     from pfe.config import ExperimentConfig
-    from pfe.study.runner import _trial_workers
+    from pfe.study.trainable import _trial_workers
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:

@@ -152,10 +152,12 @@ def extract_split_features(
     """BN features of every layer for the query and gallery images:
     (query, gallery, q_pids, g_pids, q_camids, g_camids), the arguments of ``evaluate_features``."""
     model.eval()
+    # the layout place_model gave the weights on a GPU: cuDNN would otherwise convert every batch
+    layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
     def forward(images: torch.Tensor) -> dict[str, torch.Tensor]:
         with torch.autocast(device.type, amp_dtype, enabled=amp_dtype is not None):
-            feats = model.extract(images.to(device, non_blocking=True))
+            feats = model.extract(images.to(device, non_blocking=True, memory_format=layout))
         return {k: v.float() for k, v in feats.items()}
 
     def loader(dataset: ImageDataset) -> DataLoader:

@@ -25,6 +25,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from pfe.errors import ConfigError, PFEError
+from pfe.study.trainable import PICTURES_DIR
 from pfe.study.uris import (
     is_local_tracking,
     is_shared_storage,
@@ -39,7 +40,6 @@ STATUS_TO_MLFLOW = {"finished": "FINISHED", "incomplete": "KILLED", "failed": "F
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_PER_BATCH = 100
 MAX_TAGS_PER_BATCH = 100
-PICTURES_DIR = "pictures"  # the final stage-II checkpoint's pictures, logged under this artifact path
 MLFLOW_RUN_FILE = "mlflow_run.json"  # = pfe.engine.inspect.MLFLOW_RUN_FILE (not imported: the driver stays torch-free)
 
 
