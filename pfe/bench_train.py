@@ -482,6 +482,9 @@ STEP_MEASUREMENTS = ("baseline", "stage1", "stage2", "baseline_uncompiled", "sta
                      *(f"{name}_{tuning}" for tuning in AUTOTUNED for name in ("baseline", "stage1")),
                      "stage2_separable", "stage2_unfolded", "stage2_folded", "stage2_fused", "stage2_frozen_forward")
 GRAPHED = ("baseline", "stage1", "stage2")  # measured with the defaults, eager, and graphed without compiling
+# every name `bench train --only` takes
+MEASUREMENTS = (*STEP_MEASUREMENTS, "epoch_device_cache", "epoch_workers", "eval",
+                *(f"profile_{name}" for name in GRAPHED))
 
 
 def summarise(report: dict[str, Any]) -> None:
@@ -530,7 +533,10 @@ def summarise(report: dict[str, Any]) -> None:
 def bench_train(device: str = "auto", quick: bool = False, out: str | Path | None = None,
                 log: Callable[[str], None] = print, only: Collection[str] | None = None) -> dict[str, Any]:
     """Run the training benchmark; returns the report (also written to ``out/bench_<device>[_quick].json``).
-    ``only``: the measurements to make (names as in the report), all by default."""
+    ``only``: the measurements to make (names as in the report, :data:`MEASUREMENTS`), all by default."""
+    unknown = sorted(set(only or ()) - set(MEASUREMENTS))
+    if unknown:  # checked before anything runs: a one-shot GPU call must not measure nothing
+        raise PFEError(f"bench train --only: unknown {', '.join(unknown)}; the measurements are {', '.join(MEASUREMENTS)}")
     from pfe.engine.trainer import resolve_device, uses_cuda_graph
     from pfe.model import autotune_mode, compile_mode, frozen_main_mode
 

@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="reports/bench", help="output folder for JSON and Markdown")
     p.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
     p.add_argument("--only", default=None, metavar="NAMES",
-                   help="train: only these measurements, comma-separated (e.g. stage1,stage1_compiled); the "
+                   help="train: only these measurements, comma-separated (e.g. stage1,stage1_uncompiled); the "
                    "JPEG set is made only for epoch_* and eval runs only when named")
 
     p = subs["data"]

@@ -6,7 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
+from pfe.bench_train import QUICK
 from pfe.cli import main
 
 
@@ -59,6 +61,21 @@ def test_bench_train_only_makes_the_named_measurements(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "bench_cpu_quick.json").read_text())
     assert set(report["measurements"]) == {"baseline", "stage2"} and report["errors"] == {}
     assert report["stage2_vs_baseline"] > 0 and report["setup"]["compile"] == "off"  # on a CPU, auto compiles nothing
+
+
+def test_bench_train_only_refuses_an_unknown_name_before_measuring(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from pfe.bench_train import MEASUREMENTS, THROUGHPUT_ROWS, bench_configs
+
+    assert main(["bench", "train", "--quick", "--device", "cpu", "--out", str(tmp_path),
+                 "--only", "stage1,stage1_autotune"]) == 2
+    assert "unknown stage1_autotune" in capsys.readouterr().err and not list(tmp_path.iterdir())
+    # every step the report names has a config and a row in the table and the figure
+    configs = bench_configs(QUICK, torch.device("cpu"))
+    steps = [m for m in MEASUREMENTS if not m.startswith(("epoch", "eval", "profile")) and m != "stage2_frozen_forward"]
+    assert set(steps) <= set(configs) and set(steps) <= set(THROUGHPUT_ROWS)
+    assert configs["stage1_max_autotune"].runtime.autotune == "max_autotune"
+    assert configs["baseline_coordinate_descent"].model.attention == "none"
 
 
 def test_bench_plot_names_what_is_missing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
