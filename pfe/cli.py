@@ -107,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--images-per-id", type=int, default=None, help="images per identity")
     s.add_argument("--cameras", type=int, default=None, help="number of cameras")
     s.add_argument("--seed", type=int, default=0)
+    s = data_sub.add_parser("prepare", help="write a dataset's folders from its original release "
+                            "(cuhk03: cuhk-03.mat and the new protocol's files -> cuhk03-np/)")
+    s.add_argument("dataset", choices=["cuhk03"], help="the dataset")
+    s.add_argument("--release", required=True, help="the folder holding the release (torchreid's <root>/cuhk03)")
+    s.add_argument("--root", help="the data root to write under (default: $PFE_DATA, else ./data)")
+    s.add_argument("--splits", default="detected,labeled", help="comma-separated: detected, labeled")
+    s.add_argument("--force", action="store_true", help="write a split again even if its folder exists")
     s = data_sub.add_parser("stats", help="print a dataset's statistics")
     s.add_argument("dataset", help="registered dataset name")
     s.add_argument("--root", help="dataset root (default: $PFE_DATA)")

@@ -1,4 +1,5 @@
-"""`pfe-study data synth|stats`: generate the synthetic dataset, print a dataset's statistics."""
+"""`pfe-study data synth|prepare|stats`: generate the synthetic dataset, write CUHK03-NP from CUHK03's
+original release, print a dataset's statistics."""
 
 from __future__ import annotations
 
@@ -63,10 +64,37 @@ def _stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare(args: argparse.Namespace) -> int:
+    from pfe.data.cuhk03_release import CUHK03_SPLITS, prepare_cuhk03
+    from pfe.data.datasets import resolve_root
+    from pfe.errors import ConfigError
+
+    splits = tuple(s.strip() for s in args.splits.split(",") if s.strip())
+    unknown = [s for s in splits if s not in CUHK03_SPLITS]
+    if unknown or not splits:
+        raise ConfigError(f"--splits: {', '.join(unknown) or 'none given'}; choose from {', '.join(CUHK03_SPLITS)}")
+    root = resolve_root(args.root)
+
+    def progress(split: str, done: int, total: int) -> None:
+        if done % 500 == 0 or done == total:
+            print(f"\r  {split}: {done}/{total} images", end="\n" if done == total else "", file=sys.stderr, flush=True)
+
+    t0 = time.perf_counter()
+    counts = prepare_cuhk03(args.release, root, splits, force=args.force, progress=progress)
+    print(f"cuhk03-np written under {root / 'cuhk03-np'} in {time.perf_counter() - t0:.1f} s")
+    for split, folders in counts.items():
+        print(f"  {split:9s}" + "  ".join(f"{folder} {n}" for folder, n in folders.items()))
+    print(f"  train with: data.dataset=cuhk03np data.root={root} data.cuhk03_split=detected")
+    return 0
+
+
 def cli_data(args: argparse.Namespace) -> int:
-    """`pfe-study data ACTION`: ``synth`` writes a SynthReID dataset, ``stats`` prints a dataset's statistics."""
+    """`pfe-study data ACTION`: ``synth`` writes a SynthReID dataset, ``prepare`` a dataset's folders from
+    its original release, ``stats`` prints a dataset's statistics."""
     if args.data_command == "synth":
         return _synth(args)
+    if args.data_command == "prepare":
+        return _prepare(args)
     if args.data_command == "stats":
         return _stats(args)
     raise ValueError(f"unknown data action {args.data_command!r}")  # argparse restricts the choices

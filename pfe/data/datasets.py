@@ -266,7 +266,15 @@ def _load_cuhk03np(root: Path, split: str = "detected") -> ReIDDataset:
             "    <root>/cuhk03-np/{detected,labeled}/{bounding_box_train,query,bounding_box_test}/*.png\n"
             "    or <root> = cuhk03-np/, or the detected/ (labeled/) folder itself"
         )
-        raise _layout_error("cuhk03np", root, tried, layout)
+        error = _layout_error("cuhk03np", root, tried, layout)
+        from pfe.data.cuhk03_release import find_release
+
+        release = find_release(root)
+        if release is not None:  # torchreid's layout of the original .mat release: convert it once
+            error.args = (f"{error.args[0]}\n  It holds CUHK03's original release ({release[0]}): write the "
+                          f"CUHK03-NP folders from it once with\n    pfe-study data prepare cuhk03 --release {root} "
+                          f"--root {root}",)
+        raise error
     return _market_layout("cuhk03np", folder, folder, f"cuhk03np/{split}", variant=split)
 
 
