@@ -451,7 +451,8 @@ def test_report_pivot_order_deltas_and_plots(tmp_path: Path, monkeypatch: pytest
 
 def test_paper_reference_rows_match_the_study_files() -> None:
     """Every row and stated difference of reports/paper_reference.yaml names a cell its study file produces."""
-    from pfe.study.report import Layout, StudyRecords, _expected_counts, _norm, load_reference
+    from pfe.study.report.records import Layout, StudyRecords
+    from pfe.study.report.tables import expected_counts, load_reference, norm_label
     from pfe.study.spec import load_study
 
     root = Path(__file__).resolve().parents[1]
@@ -465,13 +466,13 @@ def test_paper_reference_rows_match_the_study_files() -> None:
             continue
         assert table in reference, f"{path.name}: report.paper {table!r} is not in paper_reference.yaml"
         records = StudyRecords(spec.name, "", "", Layout.from_spec(spec.report, spec.name), None, [], {}, spec=spec)
-        labels = {" / ".join(key) for key in _expected_counts(records)}
+        labels = {" / ".join(key) for key in expected_counts(records)}
         entry = reference[table]
         for label in entry.get("rows") or {}:
-            assert _norm(label) in labels, f"{table}: row {label!r} is no cell of {path.name} ({sorted(labels)})"
+            assert norm_label(label) in labels, f"{table}: row {label!r} is no cell of {path.name} ({sorted(labels)})"
             checked += 1
         for delta in entry.get("deltas") or []:
-            assert {_norm(delta["plus"]), _norm(delta["minus"])} <= labels, f"{table}: {delta}"
+            assert {norm_label(delta["plus"]), norm_label(delta["minus"])} <= labels, f"{table}: {delta}"
         for row in (entry.get("rows") or {}).values():
             assert row.get("source"), f"{table}: every number needs its source"
     assert checked >= 15

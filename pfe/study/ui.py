@@ -18,7 +18,7 @@ from types import FrameType
 
 from pfe.errors import PFEError
 from pfe.study.mlflow_server import is_loopback, start_mlflow_server
-from pfe.study.report import check_store, default_tracking_uri
+from pfe.study.report.records import check_store, default_tracking_uri
 
 NO_AUTH_WARNING = (
     "warning: binding the MLflow UI to {host}: MLflow has no authentication by default, so anyone who can "

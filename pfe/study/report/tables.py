@@ -1,0 +1,487 @@
+"""A study's table: one row per trial (status, values, cost), aggregated per row label (mean +- std
+over seeds, status counts, cost), beside the paper's numbers (reports/paper_reference.yaml), and
+formatted for people (Markdown, LaTeX)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from pfe.errors import ConfigError
+from pfe.study.report.records import (
+    STATUSES,
+    Layout,
+    StudyRecords,
+    as_float,
+    as_int,
+    axis_value,
+    tag,
+    trial_status,
+)
+
+METRIC_NAMES = {"rank1": "rank-1", "rank5": "rank-5", "rank10": "rank-10"}
+REFERENCE_FILE = Path("reports") / "paper_reference.yaml"
+
+
+# ---------------------------------------------------------------------------------------------
+# one row per trial, with its cost
+# ---------------------------------------------------------------------------------------------
+def is_gpu(device_kind: str | None) -> bool:
+    kind = (device_kind or "").strip().lower()
+    return bool(kind) and kind != "cpu" and not kind.startswith("cpu")
+
+
+def device_hours(wall_s: float, device_kind: str | None, gpu_fraction: Any) -> tuple[float, float]:
+    """(GPU-hours, CPU-hours) of ``wall_s`` seconds on that device; GPU time times its fraction."""
+    hours = max(wall_s, 0.0) / 3600.0
+    if is_gpu(device_kind):
+        frac = as_float(gpu_fraction, 1.0)
+        return hours * (frac if frac > 0 else 1.0), 0.0
+    return 0.0, hours
+
+
+def trial_frame(records: StudyRecords) -> pd.DataFrame:
+    """One row per trial: labels, status, the layout's values (finished trials only), costs."""
+    layout = records.layout
+    rows = []
+    for run in records.trials:
+        status = trial_status(run)
+        sid = tag(run, "pfe.stage1_run_id")
+        s1 = records.stage1.get(sid) if sid else None
+        gpu_h, cpu_h = device_hours(
+            as_float(tag(run, "pfe.wall_s")), tag(run, "pfe.device_kind"), tag(run, "pfe.gpu_fraction")
+        )
+        if s1 is not None:
+            shared = max(as_int(tag(s1, "pfe.shared_by"), 1) or 1, 1)
+            g1, c1 = device_hours(
+                as_float(tag(s1, "pfe.wall_s")) / shared, tag(s1, "pfe.device_kind"), tag(s1, "pfe.gpu_fraction")
+            )
+            gpu_h, cpu_h = gpu_h + g1, cpu_h + c1
+        row: dict[str, Any] = {
+            "row": axis_value(run, layout.rows),
+            "variant": tag(run, "pfe.variant") or "base",
+            "seed": tag(run, "pfe.seed") or run.data.params.get("runtime.seed", "?"),
+            "status": status,
+            "epochs_done": as_int(tag(run, "pfe.epochs_done")),
+            "epochs_asked": as_int(tag(run, "pfe.epochs_asked")),
+            "gpu_h": gpu_h,
+            "cpu_h": cpu_h,
+            "run_id": run.info.run_id,
+            "stage1_run_id": sid,
+        }
+        for i, key in enumerate(layout.columns):
+            row[f"col{i}"] = axis_value(run, key)
+        for key in layout.values:
+            value = run.data.metrics.get(key)
+            row[key] = float(value) if value is not None and status == "finished" else math.nan
+        rows.append(row)
+    cols = [
+        "row",
+        "variant",
+        "seed",
+        "status",
+        "epochs_done",
+        "epochs_asked",
+        "gpu_h",
+        "cpu_h",
+        "run_id",
+        "stage1_run_id",
+        *[f"col{i}" for i in range(len(layout.columns))],
+        *layout.values,
+    ]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def unattributed_stage1(records: StudyRecords) -> tuple[float, float]:
+    """Cost of stage-I runs no recorded trial names (e.g. every trial that would reuse it is missing)."""
+    used: dict[str, int] = {}
+    for run in records.trials:
+        sid = tag(run, "pfe.stage1_run_id")
+        if sid:
+            used[sid] = used.get(sid, 0) + 1
+    gpu_h = cpu_h = 0.0
+    for sid, s1 in records.stage1.items():
+        shared = max(as_int(tag(s1, "pfe.shared_by"), 1) or 1, 1)
+        missing = max(shared - used.get(sid, 0), 0)
+        g, c = device_hours(
+            as_float(tag(s1, "pfe.wall_s")) * missing / shared, tag(s1, "pfe.device_kind"), tag(s1, "pfe.gpu_fraction")
+        )
+        gpu_h, cpu_h = gpu_h + g, cpu_h + c
+    return gpu_h, cpu_h
+
+
+# ---------------------------------------------------------------------------------------------
+# the paper's numbers
+# ---------------------------------------------------------------------------------------------
+def reference_path() -> Path | None:
+    """reports/paper_reference.yaml in the working directory, else in the source checkout."""
+    for base in (Path.cwd(), Path(__file__).resolve().parents[2]):
+        path = base / REFERENCE_FILE
+        if path.is_file():
+            return path
+    return None
+
+
+def load_reference(path: Path | None = None) -> dict[str, Any]:
+    path = path or reference_path()
+    if path is None:
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    tables = data.get("tables", {})
+    if not isinstance(tables, dict):
+        raise ConfigError(f"{path}: key 'tables' must map table names to tables")
+    return tables
+
+
+def paper_values(reference: dict[str, Any], table: str | None, labels: Sequence[str]) -> dict[str, Any]:
+    """The paper's row (metric -> number, plus source/derived notes) for the first label it has.
+
+    Labels compare as numbers where they are numbers (a YAML key 0.05 matches the param "0.05").
+    """
+    if not table or table not in reference:
+        return {}
+    rows = {norm_label(k): v for k, v in (reference[table].get("rows") or {}).items()}
+    for label in labels:
+        row = rows.get(norm_label(label))
+        if isinstance(row, dict):
+            return row
+    return {}
+
+
+def paper_deltas(reference: dict[str, Any], table: str | None) -> list[dict[str, Any]]:
+    """The differences between two rows that the paper's text states (``deltas:`` of the table)."""
+    if not table or table not in reference:
+        return []
+    return [d for d in (reference[table].get("deltas") or []) if isinstance(d, dict) and "plus" in d and "minus" in d]
+
+
+def delta_table(table: pd.DataFrame, layout: Layout, deltas: list[dict[str, Any]]) -> pd.DataFrame:
+    """The paper's stated differences beside this study's (plus - minus of the means)."""
+    body = table.iloc[:-1]
+    means = {}
+    for _, r in body.iterrows():
+        label = norm_label(_group_label(r, layout))
+        means[label] = r
+    lines = []
+    for d in deltas:
+        plus, minus = means.get(norm_label(d["plus"])), means.get(norm_label(d["minus"]))
+        for metric, stated in d.items():
+            if metric in ("plus", "minus", "source") or not isinstance(stated, (int, float)):
+                continue
+            here = math.nan
+            if plus is not None and minus is not None and f"{metric}_mean" in plus:
+                here = plus[f"{metric}_mean"] - minus[f"{metric}_mean"]
+            lines.append(
+                {
+                    "difference": f"{d['plus']} - {d['minus']}",
+                    "metric": metric_label(metric),
+                    "paper": f"{stated:+.1f}",
+                    "here": "–" if math.isnan(here) else f"{here:+.2f}",
+                    "source": str(d.get("source", "")),
+                }
+            )
+    return pd.DataFrame(lines, columns=["difference", "metric", "paper", "here", "source"])
+
+
+def _group_label(rec: Any, layout: Layout) -> str:
+    """A table row's label as the reference file keys it: the row, or "<row> / <column> ..." when pivoted."""
+    return " / ".join(str(rec[k]) for k in ["row", *layout.columns])
+
+
+# ---------------------------------------------------------------------------------------------
+# aggregation
+# ---------------------------------------------------------------------------------------------
+def label_sort_key(label: str) -> tuple:
+    try:
+        return (0, float(label), "")
+    except ValueError:
+        return (1, 0.0, label)
+
+
+def status_text(counts: dict[str, int], expected: int | None = None) -> str:
+    """ "2 of 3 finished, 1 failed" (expected counts trials not recorded as "not started")."""
+    total = sum(counts.values())
+    denom = max(total, expected or 0)
+    parts = [f"{counts.get('finished', 0)} of {denom} finished"]
+    parts += [f"{counts[s]} {s}" for s in STATUSES[1:] if counts.get(s)]
+    if denom > total:
+        parts.append(f"{denom - total} not started")
+    return ", ".join(parts)
+
+
+def norm_label(label: Any) -> str:
+    """A label as compared between the study file and MLflow's string params (0.05 == 5e-2 == "0.05")."""
+    text = str(label)
+    try:
+        return f"{float(text):.10g}"
+    except ValueError:
+        return text
+
+
+def expected_counts(records: StudyRecords) -> dict[tuple, int]:
+    """Trials the study file asks for, per normalised (row, *columns) label; {} when it cannot tell (a search)."""
+    spec = records.spec
+    if spec is None or not hasattr(spec, "expand") or getattr(spec, "search", None):
+        return {}
+    layout = records.layout
+    try:
+        trials = spec.expand()
+    except Exception:  # noqa: BLE001 - the report still works from the records alone
+        return {}
+    out: dict[tuple, int] = {}
+    for t in trials:
+        labels = []
+        for key in (layout.rows, *layout.columns):
+            if key == "variant":
+                value = getattr(t, "variant", None) or "base"
+            elif key == "seed":
+                value = getattr(t, "seed", None)
+            else:
+                axes = getattr(t, "axes", {}) or {}
+                value = axes.get(key)
+                if value is None and getattr(t, "cfg", None) is not None:
+                    value = t.cfg.flat().get(key)
+            if value is None:
+                return {}
+            labels.append(norm_label(value))
+        out[tuple(labels)] = out.get(tuple(labels), 0) + 1
+    return out
+
+
+def _order_key(records: StudyRecords, key: str, seen: Sequence[str] = ()) -> Any:
+    """Sort key for the labels of ``key`` ("variant" or an axis key): the study file's order, else the
+    order the trials were recorded in (variants) or numeric/alphabetic order (axis values)."""
+    spec = records.spec
+    order: list[Any] = []
+    if spec is not None:
+        if key == "variant":
+            order = list(getattr(spec, "variants", None) or {})
+        else:
+            order = list((getattr(spec, "axes", None) or {}).get(key, []))
+    if not order and key == "variant":
+        order = list(dict.fromkeys(seen))
+    rank = {norm_label(v): i for i, v in enumerate(order)}
+    return lambda label: (rank.get(norm_label(label), len(rank)), label_sort_key(str(label)))
+
+
+def aggregate(records: StudyRecords, frame: pd.DataFrame, reference: dict[str, Any]) -> pd.DataFrame:
+    """One row per (row, *column) label: mean, std, n, paper, diff per value; status counts; cost."""
+    layout = records.layout
+    col_keys = [f"col{i}" for i in range(len(layout.columns))]
+    group_keys = ["row", *col_keys]
+    expected = expected_counts(records)
+    out = []
+    if not frame.empty:
+        grouped = frame.groupby(group_keys, sort=False, dropna=False)
+        for key, group in grouped:
+            key = key if isinstance(key, tuple) else (key,)
+            rec: dict[str, Any] = {"row": key[0]}
+            for i, col in enumerate(layout.columns):
+                rec[col] = key[1 + i]
+            variants = list(dict.fromkeys(group["variant"]))
+            if layout.columns:  # pivoted: only "<row> / <column>" names one cell of the paper's table
+                labels = [" / ".join(str(k) for k in key)]
+            else:
+                labels = [str(key[0])] + (variants if len(variants) == 1 else [])
+            paper = paper_values(reference, layout.paper, labels)
+            for value in layout.values:
+                series = group[value].dropna()
+                rec[f"{value}_mean"] = series.mean() if len(series) else math.nan
+                rec[f"{value}_std"] = series.std(ddof=1) if len(series) > 1 else math.nan
+                rec[f"{value}_n"] = int(len(series))
+                ref = paper.get(value)
+                rec[f"{value}_paper"] = float(ref) if isinstance(ref, (int, float)) else math.nan
+                rec[f"{value}_diff"] = rec[f"{value}_mean"] - rec[f"{value}_paper"]
+            counts = group["status"].value_counts().to_dict()
+            for s in STATUSES:
+                rec[s] = int(counts.get(s, 0))
+            rec["trials"] = int(len(group))
+            rec["expected"] = expected.get(tuple(norm_label(k) for k in key))
+            rec["status"] = status_text(counts, rec["expected"])
+            rec["paper_note"] = "derived" if paper.get("derived") else ""
+            rec["gpu_h"] = float(group["gpu_h"].sum())
+            rec["cpu_h"] = float(group["cpu_h"].sum())
+            out.append(rec)
+    # rows the study asks for but that have no record at all
+    recorded = {tuple(norm_label(r.get(k, "")) for k in ("row", *layout.columns)) for r in out}
+    for key, n in expected.items():
+        if key not in recorded:
+            rec = {"row": key[0], **{c: key[1 + i] for i, c in enumerate(layout.columns)}}
+            paper = paper_values(reference, layout.paper, [" / ".join(key)])
+            for value in layout.values:
+                ref = paper.get(value)
+                rec.update(
+                    {
+                        f"{value}_mean": math.nan,
+                        f"{value}_std": math.nan,
+                        f"{value}_n": 0,
+                        f"{value}_paper": float(ref) if isinstance(ref, (int, float)) else math.nan,
+                        f"{value}_diff": math.nan,
+                    }
+                )
+            rec.update({s: 0 for s in STATUSES})
+            rec.update(trials=0, expected=n, status=status_text({}, n), paper_note="", gpu_h=0.0, cpu_h=0.0)
+            out.append(rec)
+    columns = ["row", *layout.columns]
+    for value in layout.values:
+        columns += [f"{value}_{s}" for s in ("mean", "std", "n", "paper", "diff")]
+    columns += [*STATUSES, "trials", "expected", "status", "paper_note", "gpu_h", "cpu_h"]
+    table = pd.DataFrame(out, columns=columns)
+    if not table.empty:
+        keys = {"row": _order_key(records, layout.rows, list(frame["row"]) if not frame.empty else [])}
+        keys.update({c: _order_key(records, c) for c in layout.columns})
+        table = table.sort_values(
+            ["row", *layout.columns], key=lambda col: col.map(keys[col.name]), kind="stable"
+        ).reset_index(drop=True)
+    # the table's total: all trials, plus stage-I runs no recorded trial accounts for
+    extra_gpu, extra_cpu = unattributed_stage1(records)
+    counts = frame["status"].value_counts().to_dict() if not frame.empty else {}
+    expected_total = sum(expected.values()) if expected else None
+    total = {"row": "total", **{c: "" for c in layout.columns}}
+    for value in layout.values:
+        total.update(
+            {
+                f"{value}_mean": math.nan,
+                f"{value}_std": math.nan,
+                f"{value}_n": int(frame[value].notna().sum()) if not frame.empty else 0,
+                f"{value}_paper": math.nan,
+                f"{value}_diff": math.nan,
+            }
+        )
+    total.update({s: int(counts.get(s, 0)) for s in STATUSES})
+    total.update(
+        trials=int(len(frame)),
+        expected=expected_total,
+        status=status_text(counts, expected_total),
+        paper_note="",
+        gpu_h=float(frame["gpu_h"].sum() if not frame.empty else 0.0) + extra_gpu,
+        cpu_h=float(frame["cpu_h"].sum() if not frame.empty else 0.0) + extra_cpu,
+    )
+    return pd.concat([table, pd.DataFrame([total], columns=columns)], ignore_index=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# formatting
+# ---------------------------------------------------------------------------------------------
+def format_cell(mean: float, std: float, n: int, digits: int = 2) -> str:
+    """ "68.20 ± 0.35" (n >= 2), "68.20" (n = 1), "–" (no finished trial)."""
+    if not n or mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "–"
+    if n < 2 or std is None or math.isnan(std):
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def format_cost(gpu_h: float, cpu_h: float) -> str:
+    """ "1.23 GPU-h", "0.0412 CPU-h", or both."""
+    parts = []
+    if gpu_h > 0:
+        parts.append(f"{gpu_h:.3g} GPU-h")
+    if cpu_h > 0 or not parts:
+        parts.append(f"{cpu_h:.3g} CPU-h")
+    return " + ".join(parts)
+
+
+def metric_label(key: str) -> str:
+    if key.startswith("eval/"):
+        parts = key.split("/")
+        if len(parts) == 3:
+            return f"{parts[1]} {METRIC_NAMES.get(parts[2], parts[2])}"
+    return METRIC_NAMES.get(key, key)
+
+
+def display_table(table: pd.DataFrame, layout: Layout) -> pd.DataFrame:
+    """The table as a person reads it: one line per row label, formatted cells, cost, trials."""
+    row_name = "variant" if layout.rows == "variant" else layout.rows
+    lines = []
+    body, total = table.iloc[:-1], table.iloc[-1]
+    col_names = layout.columns
+
+    def paper_columns(sub: pd.DataFrame) -> dict[str, bool]:
+        return {v: bool(sub[f"{v}_paper"].notna().any()) for v in layout.values}
+
+    def cells(sub: pd.DataFrame, prefix: str, has_paper: dict[str, bool]) -> dict[str, str]:
+        out: dict[str, str] = {}
+        r = sub.iloc[0] if len(sub) else None
+        for v in layout.values:
+            name = metric_label(v)
+            if r is None:
+                out[prefix + name] = "–"
+            else:
+                out[prefix + name] = format_cell(r[f"{v}_mean"], r[f"{v}_std"], int(r[f"{v}_n"]))
+            if has_paper[v]:
+                paper = r[f"{v}_paper"] if r is not None else math.nan
+                diff = r[f"{v}_diff"] if r is not None else math.nan
+                mark = "*" if r is not None and r["paper_note"] else ""
+                out[prefix + f"paper {name}"] = "" if math.isnan(paper) else f"{paper:.1f}{mark}"
+                out[prefix + f"Δ {name}"] = "" if math.isnan(diff) else f"{diff:+.2f}"
+        return out
+
+    if not col_names:
+        for _, r in body.iterrows():
+            line = {row_name: r["row"]}
+            line.update(cells(body.loc[[_]], "", paper_columns(body)))
+            ns = [int(r[f"{v}_n"]) for v in layout.values]
+            line["n"] = str(min(ns)) if ns else ""
+            line["trials"] = r["status"]
+            line["cost"] = format_cost(r["gpu_h"], r["cpu_h"])
+            lines.append(line)
+    else:
+        combos = list(dict.fromkeys(tuple(r[c] for c in col_names) for _, r in body.iterrows()))
+        combo_paper = {}
+        for combo in combos:
+            match = body
+            for c, val in zip(col_names, combo):
+                match = match[match[c] == val]
+            combo_paper[combo] = paper_columns(match)
+        n_header = "n (" + ", ".join("/".join(str(v) for v in combo) for combo in combos) + ")"
+        for label in dict.fromkeys(body["row"]):
+            sub = body[body["row"] == label]
+            line = {row_name: label}
+            for combo in combos:
+                match = sub
+                for c, val in zip(col_names, combo):
+                    match = match[match[c] == val]
+                prefix = ", ".join(f"{val}" for val in combo) + ": "
+                line.update(cells(match, prefix, combo_paper[combo]))
+            ns = []
+            for combo in combos:
+                match = sub
+                for c, val in zip(col_names, combo):
+                    match = match[match[c] == val]
+                ns.append(str(int(match[f"{layout.values[0]}_n"].iloc[0])) if len(match) else "0")
+            line[n_header] = ", ".join(ns)
+            counts = {s: int(sub[s].sum()) for s in STATUSES}
+            exp = sub["expected"].dropna()
+            line["trials"] = status_text(counts, int(exp.sum()) if len(exp) else None)
+            line["cost"] = format_cost(float(sub["gpu_h"].sum()), float(sub["cpu_h"].sum()))
+            lines.append(line)
+    frame = pd.DataFrame(lines)
+    total_line = {c: "" for c in frame.columns} if len(frame.columns) else {}
+    total_line.update(
+        {row_name: "total", "trials": total["status"], "cost": format_cost(total["gpu_h"], total["cpu_h"])}
+    )
+    return pd.concat([frame, pd.DataFrame([total_line])], ignore_index=True).fillna("")
+
+
+def to_latex(display: pd.DataFrame, layout: Layout, label: str) -> str:
+    """Booktabs LaTeX through pandas' Styler."""
+    styler = display.style.hide(axis="index").format(escape="latex").format_index(escape="latex", axis=1)
+    caption = layout.title.replace("_", r"\_").replace("%", r"\%").replace("&", r"\&")
+    tex = styler.to_latex(
+        hrules=True,
+        caption=caption,
+        label=f"tab:{label}",
+        position_float="centering",
+        column_format="l" + "r" * (len(display.columns) - 1),
+    )
+    tex = tex.replace("±", r"$\pm$").replace("Δ", r"$\Delta$").replace("–", "--")
+    return tex.replace("\ntotal &", "\n\\midrule\ntotal &")
