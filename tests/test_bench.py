@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pfe.bench_train import QUICK
+from pfe.bench.train import QUICK
 from pfe.cli import main
 
 
@@ -65,7 +65,7 @@ def test_bench_train_only_makes_the_named_measurements(tmp_path: Path) -> None:
 
 def test_bench_train_only_refuses_an_unknown_name_before_measuring(tmp_path: Path,
                                                                    capsys: pytest.CaptureFixture[str]) -> None:
-    from pfe.bench_train import MEASUREMENTS, THROUGHPUT_ROWS, bench_configs
+    from pfe.bench.train import MEASUREMENTS, THROUGHPUT_ROWS, bench_configs
 
     assert main(["bench", "train", "--quick", "--device", "cpu", "--out", str(tmp_path),
                  "--only", "stage1,stage1_autotune"]) == 2
@@ -87,7 +87,7 @@ def test_bench_plot_names_what_is_missing(tmp_path: Path, capsys: pytest.Capture
 
 
 def test_synth_set_generated_in_parts_loads_as_one_dataset(tmp_path: Path) -> None:
-    from pfe.bench_train import make_synth_set
+    from pfe.bench.train import make_synth_set
     from pfe.data.datasets import load_dataset
 
     root = make_synth_set(tmp_path / "synthreid", ids_train=5, images_per_id=4, ids_test=2, cameras=2, parts=2)
@@ -99,8 +99,8 @@ def test_synth_set_generated_in_parts_loads_as_one_dataset(tmp_path: Path) -> No
 
 def test_cost_extrapolation_reproduces_a_recorded_step() -> None:
     """Three small recordings predict a fourth, larger one op by op (same kernels, FLOPs, bytes)."""
-    from pfe.bench_cost import COUNT_AT, H100, extrapolate, record_ops, summarise_ops
-    from pfe.bench_train import QUICK
+    from pfe.bench.cost import COUNT_AT, H100, extrapolate, record_ops, summarise_ops
+    from pfe.bench.train import QUICK
 
     (b0, h0, w0), (b1, _, _), (_, h1, w1) = COUNT_AT["quick"]
     for name in ("stage2",):  # the step with the most kinds of ops (frozen copy, masks, upsampling, losses)
@@ -114,7 +114,7 @@ def test_cost_extrapolation_reproduces_a_recorded_step() -> None:
 
 
 def test_bench_cost_quick_separates_frozen_and_trained_work(tmp_path: Path) -> None:
-    from pfe.bench_cost import STEPS
+    from pfe.bench.cost import STEPS
 
     assert main(["bench", "cost", "--quick", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "cost_quick.json").read_text())
@@ -148,7 +148,7 @@ def test_training_steps_ask_the_device_for_nothing(name: str, stage: int) -> Non
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from pfe.bench_train import QUICK, bench_configs, build_step
+    from pfe.bench.train import QUICK, bench_configs, build_step
 
     class Syncs(TorchDispatchMode):
         def __init__(self) -> None:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pfe.bench import per_query_numpy
+from pfe.bench.evaluation import per_query_numpy
 from pfe.config import DEFAULT_EVAL_SETS, RANK_METRICS
 from pfe.engine.evaluation import METHODS, evaluate_sets, extract_features, rank_metrics
 from pfe.errors import DataError

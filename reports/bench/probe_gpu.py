@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pfe.bench_train import FULL, QUICK, _timed_runs, bench_configs, random_batches
+from pfe.bench.train import FULL, QUICK, _timed_runs, bench_configs, random_batches
 from pfe.engine.trainer import (
     LossTally,
     autocast_dtype,
@@ -52,7 +52,7 @@ def make_model(cfg: Any, stage: int, sizes: Any, device: torch.device) -> Any:
 
 def make_step(cfg: Any, stage: int, sizes: Any, device: torch.device, *, capturable: bool = False,
               tweak: Callable[[Any], None] | None = None) -> tuple[Callable[[int], None], Any]:
-    """The trainer's step (as bench_train.build_step) with optional model tweak and capturable Adam."""
+    """The trainer's step (as pfe.bench.train.build_step) with optional model tweak and capturable Adam."""
     model = make_model(cfg, stage, sizes, device)
     if tweak is not None:
         tweak(model)

@@ -415,7 +415,7 @@ def time_epochs(cfg: ExperimentConfig, sizes: Sizes, device: torch.device) -> di
 # ---------------------------------------------------------------- evaluation
 def time_eval(size: str, device: torch.device, repeats: int) -> dict[str, Any]:
     """``rank_metrics`` on a ``size`` distance matrix (as ``bench eval``), and the final set from features."""
-    from pfe.bench import SIZES, _time, synthetic_eval_problem
+    from pfe.bench.evaluation import SIZES, synthetic_eval_problem, timed
     from pfe.config import FINAL_SET
     from pfe.engine.evaluation import evaluate_sets, rank_metrics
 
@@ -423,7 +423,7 @@ def time_eval(size: str, device: torch.device, repeats: int) -> dict[str, Any]:
         distmat, *labels = synthetic_eval_problem(size, seed=1, device=device)
         qp_t, gp_t, qc_t, gc_t = (torch.as_tensor(x, device=device) for x in labels)
         rank_metrics(distmat, qp_t, gp_t, qc_t, gc_t)  # warm-up
-        runs, _ = _time(lambda: rank_metrics(distmat, qp_t, gp_t, qc_t, gc_t), repeats, device)
+        runs, _ = timed(lambda: rank_metrics(distmat, qp_t, gp_t, qc_t, gc_t), repeats, device)
         return runs, tuple(labels)
 
     _reset_peak(device)
@@ -434,7 +434,7 @@ def time_eval(size: str, device: torch.device, repeats: int) -> dict[str, Any]:
     q_feats = {k: torch.randn(num_q, d, generator=gen).to(device) for k, d in dims.items()}
     g_feats = {k: torch.randn(num_g, d, generator=gen).to(device) for k, d in dims.items()}
     evaluate_sets(q_feats, g_feats, qp, gp, qc, gc, sets=[FINAL_SET])  # warm-up
-    runs_sets, _ = _time(lambda: evaluate_sets(q_feats, g_feats, qp, gp, qc, gc, sets=[FINAL_SET]), repeats, device)
+    runs_sets, _ = timed(lambda: evaluate_sets(q_feats, g_feats, qp, gp, qc, gc, sets=[FINAL_SET]), repeats, device)
     return {
         "size": size,
         "queries": num_q,

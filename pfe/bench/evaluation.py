@@ -1,4 +1,4 @@
-"""`pfe-study bench`: evaluation timing; training throughput and memory live in :mod:`pfe.bench_train`.
+"""`pfe-study bench eval` and `bench rerank`: how long ranking and re-ranking take.
 
 ``bench eval`` times :func:`pfe.engine.evaluation.rank_metrics` on random features shaped like
 Market-1501's test split (3,368 queries x 15,913 gallery images, 750 ids, 6 cameras, distractors)
@@ -13,18 +13,14 @@ archive) and the benchmark loads that file on its own and times it once too.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
-import json
 import os
 import platform
 import statistics
-import sys
 import time
 import warnings
 from collections.abc import Callable
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -86,7 +82,7 @@ def per_query_numpy(
         hits = np.flatnonzero(pids[keep] == q_pids[i])
         if hits.size == 0:
             continue
-        cmc_sum[min(hits[0], max_rank):] += 1
+        cmc_sum[min(hits[0], max_rank) :] += 1
         aps.append(float(np.mean(np.arange(1, hits.size + 1) / (hits + 1))))
         inps.append(hits.size / (hits[-1] + 1))
     if not aps:
@@ -116,7 +112,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time(fn: Callable[[], Any], repeats: int, device: torch.device) -> tuple[list[float], Any]:
+def timed(fn: Callable[[], Any], repeats: int, device: torch.device) -> tuple[list[float], Any]:
     out = None
     runs = []
     for _ in range(repeats):
@@ -130,7 +126,9 @@ def _time(fn: Callable[[], Any], repeats: int, device: torch.device) -> tuple[li
 
 def _diff(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float]:
     out = {
-        "cmc_max_abs": float(np.max(np.abs(np.asarray(a["cmc"], dtype=np.float64) - np.asarray(b["cmc"], dtype=np.float64)))),
+        "cmc_max_abs": float(
+            np.max(np.abs(np.asarray(a["cmc"], dtype=np.float64) - np.asarray(b["cmc"], dtype=np.float64)))
+        ),
         "mAP_abs": abs(float(a["mAP"]) - float(b["mAP"])),
     }
     if "mINP" in a and "mINP" in b:
@@ -154,7 +152,9 @@ def _row(name: str, size: str, device: str, runs: list[float]) -> dict[str, Any]
 def bench_eval(device: str = "auto", quick: bool = False, repeats: int | None = None) -> dict[str, Any]:
     """Run the evaluation benchmark; returns the report as a dict."""
     repeats = repeats or (1 if quick else 3)
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    dev = torch.device(
+        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    )
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise DataError("--device cuda: no CUDA device is visible")
     size = "quick" if quick else "market1501"
@@ -180,18 +180,22 @@ def bench_eval(device: str = "auto", quick: bool = False, repeats: int | None = 
     distmat, qp, gp, qc, gc = synthetic_eval_problem(size, seed=0, device="cpu")
     dist_np = distmat.numpy()
     rank_metrics(distmat[:64], qp[:64], gp, qc[:64], gc)  # warm-up
-    runs, ours = _time(lambda: rank_metrics(distmat, qp, gp, qc, gc), repeats, torch.device("cpu"))
+    runs, ours = timed(lambda: rank_metrics(distmat, qp, gp, qc, gc), repeats, torch.device("cpu"))
     results.append(_row("rank_metrics (ours)", size, "cpu", runs))
-    runs, loop = _time(lambda: per_query_numpy(dist_np, qp, gp, qc, gc), 1, torch.device("cpu"))
+    runs, loop = timed(lambda: per_query_numpy(dist_np, qp, gp, qc, gc), 1, torch.device("cpu"))
     results.append(_row("per-query NumPy loop", size, "cpu", runs))
     report["agreement"]["ours_vs_numpy_loop"] = _diff(ours, loop)
-    report["metrics"] = {"mAP": ours["mAP"], "mINP": ours["mINP"], "rank1": float(ours["cmc"][0]),
-                         "num_valid_queries": ours["num_valid_queries"]}
+    report["metrics"] = {
+        "mAP": ours["mAP"],
+        "mINP": ours["mINP"],
+        "rank1": float(ours["cmc"][0]),
+        "num_valid_queries": ours["num_valid_queries"],
+    }
 
     reference = os.environ.get(TORCHREID_ENV)
     if reference:
         eval_market1501 = _load_torchreid_eval(reference)
-        runs, (cmc, mAP) = _time(lambda: eval_market1501(dist_np, qp, gp, qc, gc, 50), 1, torch.device("cpu"))
+        runs, (cmc, mAP) = timed(lambda: eval_market1501(dist_np, qp, gp, qc, gc, 50), 1, torch.device("cpu"))
         results.append(_row("torchreid eval_market1501 (pure Python)", size, "cpu", runs))
         report["agreement"]["ours_vs_torchreid"] = _diff(ours, {"cmc": cmc, "mAP": mAP})
         report["torchreid_reference"] = reference
@@ -206,7 +210,7 @@ def bench_eval(device: str = "auto", quick: bool = False, repeats: int | None = 
     if dev.type == "cuda":
         on_gpu = distmat.to(dev)
         rank_metrics(on_gpu, qp, gp, qc, gc)  # warm-up (kernels, allocator)
-        runs, gpu_out = _time(lambda: rank_metrics(on_gpu, qp, gp, qc, gc), repeats, dev)
+        runs, gpu_out = timed(lambda: rank_metrics(on_gpu, qp, gp, qc, gc), repeats, dev)
         results.append(_row("rank_metrics (ours)", size, "cuda", runs))
         report["agreement"]["ours_cuda_vs_cpu"] = _diff(gpu_out, ours)
         del on_gpu
@@ -214,7 +218,7 @@ def bench_eval(device: str = "auto", quick: bool = False, repeats: int | None = 
         distmat_g, qp_g, gp_g, qc_g, gc_g = synthetic_eval_problem(big, seed=1, device=dev)
         qp_t, gp_t, qc_t, gc_t = (torch.as_tensor(x, device=dev) for x in (qp_g, gp_g, qc_g, gc_g))
         rank_metrics(distmat_g, qp_t, gp_t, qc_t, gc_t)  # warm-up
-        runs, _ = _time(lambda: rank_metrics(distmat_g, qp_t, gp_t, qc_t, gc_t), repeats, dev)
+        runs, _ = timed(lambda: rank_metrics(distmat_g, qp_t, gp_t, qc_t, gc_t), repeats, dev)
         results.append(_row("rank_metrics (ours)", big, "cuda", runs))
         report["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
         del distmat_g
@@ -246,16 +250,24 @@ def render_markdown(report: dict[str, Any]) -> str:
     ]
     for r in report["results"]:
         runs = ", ".join(f"{x:.3f}" for x in r["runs"])
-        lines.append(f"| {r['name']} | {r['size']} | {r['queries']:,} x {r['gallery']:,} | {r['device']} | {r['seconds']:.3f} | {runs} |")
-    lines += ["", "Speed-up of rank_metrics on the CPU: " + ", ".join(
-        f"{k.replace('_', ' ')} {v:.1f}x" for k, v in report["speedup_cpu"].items())]
+        lines.append(
+            f"| {r['name']} | {r['size']} | {r['queries']:,} x {r['gallery']:,} | {r['device']} | {r['seconds']:.3f} | {runs} |"
+        )
+    lines += [
+        "",
+        "Speed-up of rank_metrics on the CPU: "
+        + ", ".join(f"{k.replace('_', ' ')} {v:.1f}x" for k, v in report["speedup_cpu"].items()),
+    ]
     lines += ["", "Agreement (max absolute difference):", ""]
     for k, v in report["agreement"].items():
         lines.append(f"- {k.replace('_', ' ')}: " + ", ".join(f"{m} {x:.1e}" for m, x in v.items()))
     m = report.get("metrics")
     if m:
-        lines += ["", f"Metrics of the random problem: rank-1 {100 * m['rank1']:.2f} %, mAP {100 * m['mAP']:.2f} %, "
-                  f"mINP {100 * m['mINP']:.2f} %, {m['num_valid_queries']} valid queries."]
+        lines += [
+            "",
+            f"Metrics of the random problem: rank-1 {100 * m['rank1']:.2f} %, mAP {100 * m['mAP']:.2f} %, "
+            f"mINP {100 * m['mINP']:.2f} %, {m['num_valid_queries']} valid queries.",
+        ]
     if "peak_gpu_memory_gib" in report:
         lines += ["", f"Peak GPU memory: {report['peak_gpu_memory_gib']} GiB."]
     for note in report["notes"]:
@@ -319,37 +331,3 @@ def render_rerank_markdown(report: dict[str, Any]) -> str:
             f"{r.get('peak_gpu_mb', '-')} |"
         )
     return "\n".join(lines) + "\n"
-
-
-def _write_report(out: Path, stem: str, report: dict[str, Any], markdown: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(markdown)
-    sys.stdout.write(markdown)
-    print(f"wrote {out / stem}.json and .md")
-
-
-def cli_bench(args: argparse.Namespace) -> int:
-    """`pfe-study bench [all|eval|rerank|train|cost|plot] [--device D] [--out DIR] [--quick]`."""
-    what, out, suffix = getattr(args, "what", "all"), Path(args.out), "_quick" if args.quick else ""
-    if what == "cost":  # CPU only, any machine: FLOPs, bytes and kernels of each training step
-        from pfe.bench_cost import cli_bench_cost
-
-        return cli_bench_cost(args)
-    if what == "plot":
-        from pfe.bench_train import cli_bench_plot
-
-        return cli_bench_plot(args)
-    if what in ("train", "all"):  # first: on a time-limited GPU run the training numbers matter most
-        from pfe.bench_train import cli_bench_train
-
-        cli_bench_train(args)
-    if what in ("eval", "all"):
-        report = bench_eval(device=args.device, quick=args.quick)
-        device = "cuda" if any(r["device"] == "cuda" for r in report["results"]) else "cpu"
-        _write_report(out, f"eval_{device}{suffix}", report, render_markdown(report))
-    if what in ("rerank", "all"):
-        rr = bench_rerank(device=args.device, quick=args.quick)
-        device = "cuda" if rr["host"]["device"] != "cpu" else "cpu"
-        _write_report(out, f"rerank_{device}{suffix}", rr, render_rerank_markdown(rr))
-    return 0

@@ -30,7 +30,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 from torch.utils.module_tracker import ModuleTracker
 
-from pfe.bench_train import FULL, QUICK, BenchStep, Sizes, bench_configs, build_step
+from pfe.bench.train import FULL, QUICK, BenchStep, Sizes, bench_configs, build_step
 
 
 @dataclass(frozen=True)
@@ -265,8 +265,8 @@ def cli_bench_cost(args: Any) -> int:
     """The ``cost`` part of `pfe-study bench`: prints the Markdown and where the JSON went."""
     import sys
 
-    from pfe.bench import _write_report
+    from pfe.bench import write_report
 
     report = bench_cost(quick=args.quick, log=lambda m: print(m, file=sys.stderr, flush=True))
-    _write_report(Path(args.out), "cost" + ("_quick" if args.quick else ""), report, render_markdown(report))
+    write_report(Path(args.out), "cost" + ("_quick" if args.quick else ""), report, render_markdown(report))
     return 0
