@@ -171,11 +171,12 @@ class RuntimeConfig(_Section):
         "BN, ReLU and pooling Inductor fuses; all: also the backbone (its BN, ReLU and residual adds); "
         "auto: all when the step is replayed from a CUDA graph, else off (pfe.model.compile_mode). "
         "true / false read as all / off")
-    autotune: Literal["off", "coordinate_descent", "max_autotune"] = Field(
+    autotune: Literal["off", "coordinate_descent", "max_autotune_gemm", "max_autotune"] = Field(
         "off", description="when runtime.compile compiles on a GPU, how long Inductor searches for faster kernels "
         "(compile time only; results equal up to rounding): coordinate_descent tunes the block sizes of its own "
-        "Triton kernels; max_autotune also benchmarks Triton GEMM and conv templates, with the pointwise work "
-        "that follows in their epilogues, against cuBLAS and cuDNN (minutes more per stage). Ignored on a CPU")
+        "Triton kernels; max_autotune_gemm also benchmarks Triton GEMM templates (the 1x1 convs), with the "
+        "pointwise work that follows in their epilogues, against cuBLAS; max_autotune Triton conv templates too, "
+        "against cuDNN (minutes more per stage). Ignored on a CPU")
     cuda_graph: bool = Field(
         True, description="on a CUDA device, replay each training step from a CUDA graph (the host need not "
         "launch its ~1,300 kernels one by one; pfe.engine.graphed); ignored on a CPU")

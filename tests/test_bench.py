@@ -75,6 +75,7 @@ def test_bench_train_only_refuses_an_unknown_name_before_measuring(tmp_path: Pat
     steps = [m for m in MEASUREMENTS if not m.startswith(("epoch", "eval", "profile")) and m != "stage2_frozen_forward"]
     assert set(steps) <= set(configs) and set(steps) <= set(THROUGHPUT_ROWS)
     assert configs["stage1_max_autotune"].runtime.autotune == "max_autotune"
+    assert configs["baseline_max_autotune_gemm"].runtime.autotune == "max_autotune_gemm"
     assert configs["baseline_coordinate_descent"].model.attention == "none"
 
 

@@ -96,6 +96,25 @@ def test_under_bf16_autocast_the_copy_holds_bf16_weights() -> None:
     assert {p.dtype for p in model._frozen_copy._folded.parameters()} == {torch.float32}
 
 
+def test_every_autotune_option_is_one_this_torch_knows_and_compiles_with() -> None:
+    """runtime.autotune's Inductor options: names this release has (a misspelt one would be dropped
+    silently, as the options of newer releases are on older ones), and torch.compile accepts each set."""
+    from torch._inductor import config as inductor_config
+
+    from pfe.model.frozen import AUTOTUNE_OPTIONS, compiled
+
+    assert set(AUTOTUNE_OPTIONS) == {"off", "coordinate_descent", "max_autotune_gemm", "max_autotune"}
+    for mode, options in AUTOTUNE_OPTIONS.items():
+        assert all(hasattr(inductor_config, key) for key in options), mode
+    assert AUTOTUNE_OPTIONS["max_autotune_gemm"]["max_autotune_conv_backends"] == "ATEN"  # cuDNN keeps the convs
+    x = torch.randn(8, 4)
+    for mode in AUTOTUNE_OPTIONS:
+        torch._dynamo.reset()
+        assert torch.allclose(compiled(lambda t: torch.sigmoid(t) * t, autotune=mode)(x), torch.sigmoid(x) * x)
+    with pytest.raises(ValueError, match="runtime.autotune: unknown 'fast'"):
+        compiled(torch.sigmoid, autotune="fast")
+
+
 @pytest.mark.parametrize("mode", ["regions", "all"])
 def test_compiled_blocks_give_the_eager_step(mode: str) -> None:
     """runtime.compile: same loss and gradients as eager in both stages, same state-dict keys; the folded

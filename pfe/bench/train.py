@@ -475,7 +475,9 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-AUTOTUNED = ("coordinate_descent", "max_autotune")  # runtime.autotune: the baseline and stage I, each way
+# runtime.autotune: the baseline and stage I each way, the cheaper searches first (a capped GPU run may stop
+# before max_autotune, whose Triton conv templates take longest to search)
+AUTOTUNED = ("coordinate_descent", "max_autotune_gemm", "max_autotune")
 # The step measurements, in the order the report lists them: the baseline first, the frozen forward last.
 STEP_MEASUREMENTS = ("baseline", "stage1", "stage2", "baseline_uncompiled", "stage1_uncompiled", "stage2_uncompiled",
                      "stage1_regions", "stage2_regions", "baseline_eager", "stage1_eager", "stage2_eager",

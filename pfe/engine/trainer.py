@@ -171,7 +171,7 @@ def extract_split_features(
 def place_model(model: PFENet, device: torch.device, compile: str = "off", autotune: str = "off") -> PFENet:
     """The model on ``device``; channels_last on a GPU (faster convolutions with bf16); what training runs
     through torch.compile as ``compile`` says (off | regions | all), with Inductor's ``autotune`` (off |
-    coordinate_descent | max_autotune; ``PFENet.compile_blocks``)."""
+    coordinate_descent | max_autotune_gemm | max_autotune; ``PFENet.compile_blocks``)."""
     model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)

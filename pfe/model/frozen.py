@@ -49,11 +49,17 @@ COMPILE_OPTIONS: dict = {"dynamic": False, "options": {"conv_1x1_as_mm": True}}
 RECOMPILE_LIMIT = 64
 # runtime.autotune: how long Inductor searches for faster kernels (compile time; results equal up to rounding).
 # coordinate_descent tunes the block sizes of Inductor's own Triton kernels (TSAM's gates, BN, ReLU, adds);
-# max_autotune also benchmarks Triton GEMM and conv templates, whose epilogues can take the pointwise work
-# that follows, against cuBLAS and cuDNN (the options of torch.compile's mode="max-autotune-no-cudagraphs").
-AUTOTUNE_OPTIONS: dict[str, dict[str, bool]] = {
+# max_autotune_gemm also benchmarks Triton GEMM templates against cuBLAS for the matrix products (the 1x1 convs,
+# TSAM's skinny C -> C/16 -> C ones among them), whose epilogues can take the pointwise work that follows, and
+# leaves the 3x3 and 7x7 convs to cuDNN; max_autotune benchmarks Triton conv templates too (the options of
+# torch.compile's mode="max-autotune-no-cudagraphs"), for many more minutes of compiling.
+_CONV_BACKENDS_ATEN = {
+    f"max_autotune_conv{part}_backends": "ATEN" for part in ("", "_bwd_weight", "_bwd_input")
+}  # the backward ones exist in newer releases only
+AUTOTUNE_OPTIONS: dict[str, dict[str, bool | str]] = {
     "off": {},
     "coordinate_descent": {"coordinate_descent_tuning": True},
+    "max_autotune_gemm": {"max_autotune_gemm": True, "coordinate_descent_tuning": True, **_CONV_BACKENDS_ATEN},
     "max_autotune": {"max_autotune": True, "coordinate_descent_tuning": True},
 }
 
@@ -66,7 +72,10 @@ def compiled(fn, autotune: str = "off"):  # noqa: ANN001, ANN201 (a module or a 
     if autotune not in AUTOTUNE_OPTIONS:
         raise ValueError(f"runtime.autotune: unknown {autotune!r}; choose one of {', '.join(AUTOTUNE_OPTIONS)}")
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-    options = {**COMPILE_OPTIONS["options"], **AUTOTUNE_OPTIONS[autotune]}
+    from torch._inductor import config as inductor_config
+
+    wanted = {**COMPILE_OPTIONS["options"], **AUTOTUNE_OPTIONS[autotune]}
+    options = {key: value for key, value in wanted.items() if hasattr(inductor_config, key)}  # this release's
     return torch.compile(fn, dynamic=COMPILE_OPTIONS["dynamic"], options=options)
 
 

@@ -183,7 +183,7 @@ class PFENet(nn.Module):
         side branches' BN, ReLU and pooling); the backbone stays as it is (cuDNN, or the folded copy's
         GEMMs and fused kernels). ``all``: also the backbone (one graph for the main branch) and the
         whole frozen copy. ``off``: nothing. Shapes are compiled as static; ``autotune`` (off |
-        coordinate_descent | max_autotune) says how long Inductor searches for faster kernels
+        coordinate_descent | max_autotune_gemm | max_autotune) says how long Inductor searches for faster kernels
         (pfe.model.frozen.compiled)."""
         if mode not in COMPILE:
             raise ValueError(f"runtime.compile: unknown {mode!r}; choose one of {', '.join(COMPILE)}")

@@ -11,8 +11,8 @@
 #          acceptance rows alone. `bench train` measures, in this order: baseline, stage I and stage II with the
 #          defaults (CUDA graph, compile=all, frozen_main=auto); the same graphed with nothing compiled, then
 #          eager; two stage-I epochs of a generated SynthReID JPEG set through data.cache=device; the
-#          MSMT17-size evaluation; baseline and stage I with runtime.autotune=coordinate_descent and
-#          max_autotune; profiles; stages I and II with compile=regions; stage II with frozen_main=modules and
+#          MSMT17-size evaluation; baseline and stage I with runtime.autotune=coordinate_descent,
+#          max_autotune_gemm and max_autotune; profiles; stages I and II with compile=regions; stage II with frozen_main=modules and
 #          with the copy auto did not pick; stage II's frozen forward alone; MFA-dagger; the epochs through
 #          DataLoader workers. The first step of each compiled variant takes 20-50 s (more with autotuning), so
 #          a capped run may stop early; bench_cuda.json is rewritten after every measurement and keeps what
