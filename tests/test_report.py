@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import http.server
 import math
 import re
+import socket
+import threading
 import time
 from pathlib import Path
 
@@ -217,6 +220,30 @@ def test_report_refuses_a_missing_store(tmp_path: Path, capsys: pytest.CaptureFi
     assert "no MLflow store" in capsys.readouterr().err
     assert not (tmp_path / "nothing.db").exists()
     assert main(["report", "--tracking-uri", missing, "--format", "pdf"]) == 2
+
+
+def test_report_names_a_tracking_server_that_is_down_or_not_mlflow(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No traceback, the credentials masked: a closed port, then an HTTP server that is not MLflow's."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    assert main(["report", "--tracking-uri", f"http://bob:hunter2@127.0.0.1:{closed}", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"tracking server http://bob:***@127.0.0.1:{closed} is unreachable" in err and "hunter2" not in err
+    assert "Traceback" not in err
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        uri = f"http://bob:hunter2@127.0.0.1:{server.server_address[1]}"
+        assert main(["report", "--tracking-uri", uri, "--out", str(tmp_path)]) == 2
+    finally:
+        server.shutdown()
+    err = capsys.readouterr().err
+    assert "reading the MLflow records of http://bob:***@127.0.0.1:" in err and "an MLflow tracking server" in err
+    assert "hunter2" not in err and "Traceback" not in err
 
 
 def test_report_after_the_tiny_study(tiny_study_run, tmp_path: Path) -> None:

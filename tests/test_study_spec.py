@@ -10,8 +10,16 @@ import pytest
 from pfe.cli import main
 from pfe.errors import ConfigError
 from pfe.study.spec import load_study, stage1_config
-from pfe.study.tracking import TrackingError, check_cluster_rules, check_reachable, split_credentials
-from pfe.study.uris import absolute_sqlite_uri, is_shared_storage, mask_text, mask_uri
+from pfe.study.tracking import check_cluster_rules
+from pfe.study.uris import (
+    TrackingError,
+    absolute_sqlite_uri,
+    check_reachable,
+    is_shared_storage,
+    mask_text,
+    mask_uri,
+    split_credentials,
+)
 
 STUDIES = Path(__file__).resolve().parent.parent / "studies"
 

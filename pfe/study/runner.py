@@ -41,11 +41,10 @@ from pfe.study.tracking import (
     RunRecord,
     StudyTracker,
     check_cluster_rules,
-    check_reachable,
     per_layer,
 )
 from pfe.study.trainable import resolve_payload, trainable
-from pfe.study.uris import mask_uri
+from pfe.study.uris import check_reachable, mask_uri
 
 
 # ---- CLI ---------------------------------------------------------------------------------------

@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,10 +24,13 @@ from urllib.parse import urlsplit, urlunsplit
 from pfe.errors import ConfigError, PFEError
 from pfe.study.trainable import PICTURES_DIR
 from pfe.study.uris import (
+    TrackingError,
     is_local_tracking,
     is_shared_storage,
     mask_text,
     mask_uri,
+    open_client,
+    split_credentials,
     sqlite_path,
     tracking_scheme,
 )
@@ -41,10 +41,6 @@ MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_PER_BATCH = 100
 MAX_TAGS_PER_BATCH = 100
 MLFLOW_RUN_FILE = "mlflow_run.json"  # = pfe.engine.inspect.MLFLOW_RUN_FILE (not imported: the driver stays torch-free)
-
-
-class TrackingError(PFEError):
-    """The tracking store cannot be used (unreachable server, refused on a cluster, ...)."""
 
 
 # ---- pre-flight checks (before Ray starts / before any trial) ----------------------------------
@@ -70,38 +66,6 @@ def check_cluster_rules(tracking_uri: str, storage: str, address: str | None) ->
             "Set `storage` in the study (or PFE_STORAGE) to s3://, gs:// or a network filesystem mount (NFS, Lustre; "
             "PFE_STORAGE_SHARED=1 if it is one this check cannot recognise)."
         )
-
-
-def split_credentials(uri: str) -> tuple[str, str | None, str | None]:
-    """``https://u:pw@host/x`` -> (``https://host/x``, u, pw): MLflow then gets the credentials through
-    MLFLOW_TRACKING_USERNAME/PASSWORD, so no message or log line can quote them."""
-    parts = urlsplit(uri)
-    if parts.scheme not in ("http", "https") or "@" not in parts.netloc:
-        return uri, None, None
-    userinfo, _, hostport = parts.netloc.rpartition("@")
-    user, _, password = userinfo.partition(":")
-    from urllib.parse import unquote
-
-    return urlunsplit(parts._replace(netloc=hostport)), unquote(user) or None, unquote(password) or None
-
-
-def check_reachable(uri: str, timeout: float = 10.0) -> None:
-    """An http(s) tracking server must answer before any trial starts (any HTTP status counts)."""
-    if tracking_scheme(uri) not in ("http", "https"):
-        return
-    clean, _, _ = split_credentials(uri)
-    url = clean.rstrip("/") + "/health"
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, method="GET"), timeout=timeout):
-            return
-    except urllib.error.HTTPError:
-        return  # it answered (401/403/404 ...): reachable; the client reports auth problems itself
-    except (TimeoutError, urllib.error.URLError, OSError) as err:
-        reason = getattr(err, "reason", err)
-        raise TrackingError(
-            f"tracking server {mask_uri(uri)} is unreachable ({mask_text(str(reason), [uri])}); start it, fix "
-            "`tracking.uri` / MLFLOW_TRACKING_URI, or leave them unset for a local SQLite file. No trial was started."
-        ) from None
 
 
 # ---- records -----------------------------------------------------------------------------------
@@ -136,19 +100,12 @@ class StudyTracker:
     """The driver's MLflow client for one study: store, experiment, parent run, child runs."""
 
     def __init__(self, uri: str, experiment: str, study: str, study_file: str = "") -> None:
-        from mlflow import MlflowClient
-
         self.uri, self.experiment_name, self.study, self.study_file = uri, experiment, study, study_file
-        clean, user, password = split_credentials(uri)
-        if user:
-            os.environ.setdefault("MLFLOW_TRACKING_USERNAME", user)
-        if password:
-            os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", password)
-        db = sqlite_path(clean)
+        db = sqlite_path(split_credentials(uri)[0])
         if db is not None:
             db.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self.client = MlflowClient(tracking_uri=clean)
+            self.client = open_client(uri)
             self.experiment_id = self._experiment(db)
         except PFEError:
             raise

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import os
 import re
+import urllib.error
+import urllib.request
 from pathlib import Path
-from urllib.parse import urlsplit
+from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+from pfe.errors import PFEError
 
 _CRED = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@:\s]*)(?::(?P<pw>[^/@\s]*))?@")
 _QUERY_SECRET = re.compile(
@@ -38,6 +43,16 @@ NETWORK_FS = frozenset(
         "fuse.weka",
     }
 )
+
+
+RUN_ADVICE = (
+    "start it, fix `tracking.uri` / MLFLOW_TRACKING_URI, or leave them unset for a local SQLite file. "
+    "No trial was started."
+)
+
+
+class TrackingError(PFEError):
+    """The tracking store cannot be used (unreachable server, refused on a cluster, ...)."""
 
 
 def _mask_userinfo(m: re.Match[str]) -> str:
@@ -122,3 +137,46 @@ def is_shared_storage(storage: str) -> bool:
     path = storage[len("file://") :] if storage.startswith("file://") else storage
     fs = filesystem_type(path)
     return fs is not None and (fs in NETWORK_FS or fs.startswith("fuse."))
+
+
+def split_credentials(uri: str) -> tuple[str, str | None, str | None]:
+    """``https://u:pw@host/x`` -> (``https://host/x``, u, pw): MLflow then gets the credentials through
+    MLFLOW_TRACKING_USERNAME/PASSWORD, so no message or log line can quote them."""
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or "@" not in parts.netloc:
+        return uri, None, None
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    return urlunsplit(parts._replace(netloc=hostport)), unquote(user) or None, unquote(password) or None
+
+
+def check_reachable(uri: str, timeout: float = 10.0, advice: str = RUN_ADVICE) -> None:
+    """An http(s) tracking server must answer before it is used (any HTTP status counts); else a
+    :class:`TrackingError` naming the masked URI, the reason and ``advice``."""
+    if tracking_scheme(uri) not in ("http", "https"):
+        return
+    clean, _, _ = split_credentials(uri)
+    url = clean.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="GET"), timeout=timeout):
+            return
+    except urllib.error.HTTPError:
+        return  # it answered (401/403/404 ...): reachable; the client reports auth problems itself
+    except (TimeoutError, urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise TrackingError(
+            f"tracking server {mask_uri(uri)} is unreachable ({mask_text(str(reason), [uri])}); {advice}"
+        ) from None
+
+
+def open_client(uri: str) -> Any:
+    """An ``MlflowClient`` for ``uri``; credentials in it go to MLflow through MLFLOW_TRACKING_USERNAME /
+    PASSWORD (:func:`split_credentials`), never in the URI it quotes."""
+    from mlflow import MlflowClient
+
+    clean, user, password = split_credentials(uri)
+    if user:
+        os.environ.setdefault("MLFLOW_TRACKING_USERNAME", user)
+    if password:
+        os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", password)
+    return MlflowClient(tracking_uri=clean)

@@ -53,6 +53,7 @@ from pfe.study.report.tables import (
     to_latex,
     trial_frame,
 )
+from pfe.study.uris import TrackingError, mask_text, mask_uri
 
 FORMATS = ("md", "csv", "tex")
 __all__ = ["cli_report", "write_index", "write_study"]
@@ -237,14 +238,24 @@ def cli_report(args: argparse.Namespace) -> int:
     out_root = Path(args.out)
     out_root.mkdir(parents=True, exist_ok=True)
     reference = load_reference()
-    if args.studies:
-        all_records = [records_for_study_file(p, args.tracking_uri) for p in args.studies]
-    else:
-        uri = args.tracking_uri or default_tracking_uri()
-        all_records = records_in_store(uri)
-        if not all_records:
-            print(f"pfe-study report: no study (run tagged pfe.role=study) in {uri}", file=sys.stderr)
-    outputs = [write_study(r, out_root, formats, reference) for r in all_records]
+    uri = args.tracking_uri or default_tracking_uri()
+    from mlflow.exceptions import MlflowException
+
+    try:
+        if args.studies:
+            all_records = [records_for_study_file(p, args.tracking_uri) for p in args.studies]
+        else:
+            all_records = records_in_store(uri)
+            if not all_records:
+                print(f"pfe-study report: no study (run tagged pfe.role=study) in {mask_uri(uri)}", file=sys.stderr)
+        outputs = [write_study(r, out_root, formats, reference) for r in all_records]
+    except MlflowException as err:  # a server that answered but refused (auth, permissions, a broken store)
+        store = "the studies' tracking stores" if args.studies and not args.tracking_uri else mask_uri(uri)
+        reason = mask_text((err.message.splitlines() or [""])[0], [uri])
+        raise TrackingError(
+            f"reading the MLflow records of {store} failed ({reason}); check that it is an MLflow tracking "
+            "server you may read, or pass --tracking-uri / set MLFLOW_TRACKING_URI to the store that holds the study"
+        ) from None
     index = write_index(out_root, outputs)
     for o in outputs:
         print(f"{o.name}: {o.summary} -> {o.folder / 'index.md'}")

@@ -17,13 +17,13 @@ from pfe.study.report.records import (
     StudyRecords,
     as_int,
     axis_value,
-    mlflow_client,
     slug,
     spec_attr,
     tag,
     trial_status,
 )
 from pfe.study.report.tables import label_sort_key, metric_label
+from pfe.study.uris import open_client
 
 
 def _pyplot():
@@ -167,7 +167,7 @@ def _curve_keys(runs: list[Any], prefixes: Sequence[str], limit: int = 6) -> lis
 
 def plot_curves(records: StudyRecords, out: Path) -> list[Path]:
     """Training curves per stage from the metric history: stage I per stage-I run, stage II per row (mean over seeds)."""
-    client = mlflow_client(records.tracking_uri)
+    client = open_client(records.tracking_uri)
     paths = []
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator

@@ -15,6 +15,7 @@ from typing import Any
 import pandas as pd
 
 from pfe.errors import PFEError
+from pfe.study.uris import check_reachable, open_client
 
 FINAL_SET = "F2_F3_F4_F5"
 SINGLE_SETS = ("F2", "F3", "F4", "F5")
@@ -79,12 +80,6 @@ class StudyRecords:
 # ---------------------------------------------------------------------------------------------
 # reading MLflow
 # ---------------------------------------------------------------------------------------------
-def mlflow_client(uri: str):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)
-
-
 def _search(client, experiment_ids: list[str], filter_string: str = "") -> list[Any]:
     """All runs matching ``filter_string`` (every page)."""
     out: list[Any] = []
@@ -124,14 +119,16 @@ def default_tracking_uri() -> str:
 
 
 def check_store(uri: str) -> None:
-    """A local SQLite store must exist (MLflow would silently create an empty one)."""
+    """The store must be there: a local SQLite file must exist (MLflow would silently create an empty
+    one), a tracking server must answer."""
+    advice = "pass --tracking-uri / set MLFLOW_TRACKING_URI to the store that holds the study"
     if uri.startswith("sqlite:///"):
         path = Path(uri[len("sqlite:///") :])
         if not path.is_file():
             raise PFEError(
-                f"no MLflow store at {path} (tracking URI {uri}): run `pfe-study run STUDY` first, "
-                "or pass --tracking-uri / set MLFLOW_TRACKING_URI to the store that holds the study"
+                f"no MLflow store at {path} (tracking URI {uri}): run `pfe-study run STUDY` first, or {advice}"
             )
+    check_reachable(uri, advice=f"start it, or {advice}")
 
 
 def _load_study(path: str | Path) -> Any:
@@ -219,7 +216,7 @@ def records_for_study_file(path: str, tracking_uri: str | None) -> StudyRecords:
     uri = tracking_uri or spec_attr(spec, "tracking", "uri") or default_tracking_uri()
     check_store(uri)
     experiment_name = spec_attr(spec, "tracking", "experiment") or name
-    client = mlflow_client(uri)
+    client = open_client(uri)
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None:
         raise PFEError(
@@ -232,7 +229,7 @@ def records_for_study_file(path: str, tracking_uri: str | None) -> StudyRecords:
 def records_in_store(uri: str) -> list[StudyRecords]:
     """Every study (parent run with pfe.role=study) in the store; the newest parent per study name."""
     check_store(uri)
-    client = mlflow_client(uri)
+    client = open_client(uri)
     experiments = client.search_experiments()
     if not experiments:
         return []
