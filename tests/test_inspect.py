@@ -192,3 +192,23 @@ def test_log_mlflow_to_the_models_run(trained: Path, tmp_path: Path, capsys: pyt
     assert not any(k.startswith("eval/") for k in metrics)  # the training-time keys are left alone
     arts = [a.path for a in client.list_artifacts(run.info.run_id, "eval_on/synthreid")]
     assert "eval_on/synthreid/metrics.json" in arts
+
+
+def test_eval_refuses_files_that_are_no_pfe_checkpoint_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A state dict of someone else's, a truncated file, bytes that are no torch file: each named with why,
+    and never the advice torch's own message gives (weights_only=False)."""
+    import torch
+
+    foreign, truncated, garbage = tmp_path / "resnet.pt", tmp_path / "cut.pt", tmp_path / "notes.pt"
+    torch.save({"conv1.weight": torch.zeros(2)}, foreign)
+    truncated.write_bytes(foreign.read_bytes()[:100])
+    garbage.write_text("not a checkpoint\n")
+    for path, why in ((foreign, "not a pfe checkpoint (a torch file without format"),
+                      (truncated, "not a readable pfe checkpoint (PytorchStreamReader"),
+                      (garbage, "not a readable pfe checkpoint (not a torch file")):
+        assert main(["eval", str(path), "--dataset", "synthreid"]) == 2
+        err = capsys.readouterr().err
+        assert f"{path}: {why}" in err and "final.pt that `pfe-study train` wrote" in err, err
+        assert len(err.strip().splitlines()) == 1 and "weights_only" not in err and "Traceback" not in err

@@ -15,6 +15,7 @@ from pfe.errors import PFEError
 
 EPOCH_FILE = re.compile(r"^epoch_(\d{4})\.pt$")
 FINAL_FILE = "final.pt"
+FORMAT = "pfe-checkpoint/1"  # the "format" entry of every checkpoint the trainer writes
 KEEP_LAST = 2
 
 
@@ -51,15 +52,31 @@ def prune(workdir: Path, stage: int, keep: int = KEEP_LAST) -> None:
         path.unlink(missing_ok=True)
 
 
-def load(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True``; a missing or broken file is a PFEError naming it."""
+def load(path: str | Path, advice: str = "delete it to restart that stage") -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True``; a missing, broken or foreign file is a PFEError naming
+    it, why, and ``advice``."""
     path = Path(path)
     if not path.is_file():
         raise PFEError(f"{path}: checkpoint not found")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means an unusable file
-        raise PFEError(f"{path}: not a readable pfe checkpoint ({err}); delete it to restart that stage") from None
+        raise PFEError(f"{path}: not a readable pfe checkpoint ({_load_failure(err)}); {advice}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise PFEError(
+            f"{path}: not a pfe checkpoint (a torch file without format {FORMAT!r}; `pfe-study train` writes "
+            f"stage1/final.pt, stage2/final.pt and epoch_NNNN.pt); {advice}"
+        )
+    return state
+
+
+def _load_failure(err: Exception) -> str:
+    """torch.load's reason in one line (its own text goes on to suggest weights_only=False: never here)."""
+    text = str(err)
+    if "WeightsUnpickler error:" in text:
+        detail = text.split("WeightsUnpickler error:", 1)[1].strip().split("\n", 1)[0]
+        return f"not a torch file, or one holding objects a weights-only load refuses: {detail}"
+    return text.split(". ", 1)[0].split("\n", 1)[0]
 
 
 def rng_state() -> dict[str, Any]:

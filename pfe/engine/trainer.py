@@ -464,7 +464,7 @@ class _Run:
 
     def _state(self, stage: int, epoch: int, optimizer, scheduler, metrics: dict[str, float]) -> dict[str, Any]:
         return {
-            "format": "pfe-checkpoint/1",
+            "format": ckpt.FORMAT,
             "stage": stage,
             "epoch": epoch,
             "model": self.model.state_dict(),
@@ -608,7 +608,7 @@ def load_trained_model(path: str | Path, device: str = "cpu") -> tuple[PFENet, E
         if not found:
             raise PFEError(f"{path}: no stage2/final.pt or stage1/final.pt in this folder")
         path = found[0]
-    state = ckpt.load(path)
+    state = ckpt.load(path, advice="give a run folder or a stage's final.pt that `pfe-study train` wrote")
     cfg = load_config_text(state["config"], str(path))
     model = build_model(cfg.with_overrides({"model.pretrained": "none"}), state["num_classes"])
     model.load_state_dict(state["model"])
