@@ -19,6 +19,7 @@ from types import FrameType
 from pfe.errors import PFEError
 from pfe.study.mlflow_server import is_loopback, start_mlflow_server
 from pfe.study.report.records import check_store, default_tracking_uri
+from pfe.study.uris import mask_uri, sqlite_path
 
 NO_AUTH_WARNING = (
     "warning: binding the MLflow UI to {host}: MLflow has no authentication by default, so anyone who can "
@@ -42,7 +43,8 @@ def _resolve(args: argparse.Namespace) -> tuple[str, str | None]:
 
 
 def _sqlite_dir(uri: str) -> Path | None:
-    return Path(uri[len("sqlite:///") :]).parent if uri.startswith("sqlite:///") else None
+    path = sqlite_path(uri)
+    return path.parent if path is not None else None
 
 
 def _experiment_url(uri: str, url: str, experiment: str | None) -> str:
@@ -71,11 +73,6 @@ def cli_ui(args: argparse.Namespace) -> int:
     host = getattr(args, "host", None) or "127.0.0.1"
     port = int(getattr(args, "port", None) or 5000)
     if uri.startswith(("http://", "https://")):
-        try:
-            from pfe.study.uris import mask_uri
-        except ImportError:
-            from pfe.study.spec import mask_uri
-
         print(f"the tracking store is already a server: open {mask_uri(uri)}")
         return 0
     if not is_loopback(host):

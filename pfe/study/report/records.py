@@ -15,7 +15,7 @@ from typing import Any
 import pandas as pd
 
 from pfe.errors import PFEError
-from pfe.study.uris import check_reachable, open_client
+from pfe.study.uris import check_reachable, open_client, sqlite_path
 
 FINAL_SET = "F2_F3_F4_F5"
 SINGLE_SETS = ("F2", "F3", "F4", "F5")
@@ -122,12 +122,9 @@ def check_store(uri: str) -> None:
     """The store must be there: a local SQLite file must exist (MLflow would silently create an empty
     one), a tracking server must answer."""
     advice = "pass --tracking-uri / set MLFLOW_TRACKING_URI to the store that holds the study"
-    if uri.startswith("sqlite:///"):
-        path = Path(uri[len("sqlite:///") :])
-        if not path.is_file():
-            raise PFEError(
-                f"no MLflow store at {path} (tracking URI {uri}): run `pfe-study run STUDY` first, or {advice}"
-            )
+    path = sqlite_path(uri)
+    if path is not None and not path.is_file():
+        raise PFEError(f"no MLflow store at {path} (tracking URI {uri}): run `pfe-study run STUDY` first, or {advice}")
     check_reachable(uri, advice=f"start it, or {advice}")
 
 
