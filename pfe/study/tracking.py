@@ -101,7 +101,7 @@ class StudyTracker:
 
     def __init__(self, uri: str, experiment: str, study: str, study_file: str = "") -> None:
         self.uri, self.experiment_name, self.study, self.study_file = uri, experiment, study, study_file
-        db = sqlite_path(split_credentials(uri)[0])
+        db = sqlite_path(uri)
         if db is not None:
             db.parent.mkdir(parents=True, exist_ok=True)
         try:
