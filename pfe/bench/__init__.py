@@ -41,9 +41,9 @@ def cli_bench(args: argparse.Namespace) -> int:
         from pfe.bench.train import cli_bench_train
 
         cli_bench_train(args)
-    if what in ("eval", "all"):
-        from pfe.bench.evaluation import bench_eval, bench_rerank, render_markdown, render_rerank_markdown
+    from pfe.bench.evaluation import bench_eval, bench_rerank, render_markdown, render_rerank_markdown
 
+    if what in ("eval", "all"):
         report = bench_eval(device=args.device, quick=args.quick)
         device = "cuda" if any(r["device"] == "cuda" for r in report["results"]) else "cpu"
         write_report(out, f"eval_{device}{suffix}", report, render_markdown(report))
