@@ -65,7 +65,8 @@ def test_bench_train_only_makes_the_named_measurements(tmp_path: Path) -> None:
 
 def test_bench_train_only_refuses_an_unknown_name_before_measuring(tmp_path: Path,
                                                                    capsys: pytest.CaptureFixture[str]) -> None:
-    from pfe.bench.train import MEASUREMENTS, THROUGHPUT_ROWS, bench_configs
+    from pfe.bench.train import MEASUREMENTS, bench_configs
+    from pfe.bench.train_report import THROUGHPUT_ROWS
 
     assert main(["bench", "train", "--quick", "--device", "cpu", "--out", str(tmp_path),
                  "--only", "stage1,stage1_autotune"]) == 2

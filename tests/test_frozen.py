@@ -237,6 +237,20 @@ def test_fused_mode_on_a_cpu_runs_the_folded_copy() -> None:
         _stage2_model(frozen_main="bogus")
 
 
+@pytest.mark.parametrize(("setting", "cuda_graph", "device", "runs"), [
+    ("auto", True, None, "fused"), ("auto", True, "cuda", "fused"), ("auto", True, "cpu", "folded"),
+    ("auto", False, "cuda", "folded"), ("fused", True, "cpu", "folded"), ("fused", False, "cuda", "fused"),
+    ("modules", True, "cuda", "modules"), ("folded", True, "cuda", "folded"),
+])
+def test_frozen_main_mode_names_the_copy_that_runs_on_the_device(setting: str, cuda_graph: bool, device: str | None,
+                                                                 runs: str) -> None:
+    from pfe.config import RuntimeConfig
+    from pfe.model import frozen_main_mode
+
+    runtime = RuntimeConfig(frozen_main=setting, cuda_graph=cuda_graph)
+    assert frozen_main_mode(runtime, None if device is None else torch.device(device)) == runs
+
+
 def test_stage2_training_steps_reuse_one_copy() -> None:
     """Training the side branches changes nothing the copy was made from: it is built once, not per step."""
     from pfe.losses import stage2_losses

@@ -7,7 +7,7 @@ import sys
 
 CORE = ["pfe", "pfe.config", "pfe.model", "pfe.losses", "pfe.data.datasets", "pfe.data.synth",
         "pfe.engine.trainer", "pfe.engine.evaluation", "pfe.engine.rerank", "pfe.engine.inspect", "pfe.bench",
-        "pfe.bench.train", "pfe.bench.cost", "pfe.bench.evaluation"]
+        "pfe.bench.train", "pfe.bench.train_report", "pfe.bench.cost", "pfe.bench.evaluation"]
 
 
 def test_core_imports_without_ray_mlflow_optuna():

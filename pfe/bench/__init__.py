@@ -1,7 +1,8 @@
 """`pfe-study bench`: the speed and memory numbers of issue 9, measured, never asserted in tests.
 
-- :mod:`pfe.bench.train` (``bench train``, ``bench plot``): training throughput of the baseline and of
-  PFE stages I and II, whole epochs from JPEG files, the MSMT17-size evaluation, peak memory;
+- :mod:`pfe.bench.train` (``bench train``): training throughput of the baseline and of PFE stages I and
+  II, whole epochs from JPEG files, the MSMT17-size evaluation, peak memory; its Markdown, its figure
+  and ``bench plot`` are :mod:`pfe.bench.train_report`'s;
 - :mod:`pfe.bench.evaluation` (``bench eval``, ``bench rerank``): ranking and re-ranking times at
   Market-1501 and MSMT17 sizes;
 - :mod:`pfe.bench.cost` (``bench cost``, any CPU): FLOPs, bytes and kernels of each training step.
@@ -34,11 +35,11 @@ def cli_bench(args: argparse.Namespace) -> int:
 
         return cli_bench_cost(args)
     if what == "plot":
-        from pfe.bench.train import cli_bench_plot
+        from pfe.bench.train_report import cli_bench_plot
 
         return cli_bench_plot(args)
     if what in ("train", "all"):  # first: on a time-limited GPU run the training numbers matter most
-        from pfe.bench.train import cli_bench_train
+        from pfe.bench.train_report import cli_bench_train
 
         cli_bench_train(args)
     from pfe.bench.evaluation import bench_eval, bench_rerank, render_markdown, render_rerank_markdown

@@ -236,15 +236,23 @@ def bench_eval(device: str = "auto", quick: bool = False, repeats: int | None = 
     return report
 
 
-def render_markdown(report: dict[str, Any]) -> str:
+def _heading(title: str, report: dict[str, Any]) -> list[str]:
+    """A report's title and the line saying where, when and under what load it ran."""
     host = report["host"]
-    lines = [
-        "# Evaluation benchmark",
+    versions = f"torch {host['torch']}" + (f", numpy {host['numpy']}" if "numpy" in host else "")
+    return [
+        f"# {title}",
         "",
-        f"{report['created']}; {host['device']}, {host['cpu_threads']} CPU threads, torch {host['torch']}, "
-        f"numpy {host['numpy']}; 1-min load average {host['load_average_1min_at_start']} at the start, "
+        f"{report['created']}; {host['device']}, {host['cpu_threads']} CPU threads, {versions}; "
+        f"1-min load average {host['load_average_1min_at_start']} at the start, "
         f"{host.get('load_average_1min_at_end', '?')} at the end. {report['protocol']}.",
         "",
+    ]
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    lines = [
+        *_heading("Evaluation benchmark", report),
         "| what | size | queries x gallery | device | seconds (median) | runs |",
         "| --- | --- | --- | --- | ---: | --- |",
     ]
@@ -313,14 +321,8 @@ def bench_rerank(device: str = "auto", quick: bool = False) -> dict[str, Any]:
 
 
 def render_rerank_markdown(report: dict[str, Any]) -> str:
-    host = report["host"]
     lines = [
-        "# Re-ranking benchmark",
-        "",
-        f"{report['created']}; {host['device']}, {host['cpu_threads']} CPU threads, torch {host['torch']}; "
-        f"1-min load average {host['load_average_1min_at_start']} at the start, "
-        f"{host.get('load_average_1min_at_end', '?')} at the end. {report['protocol']}.",
-        "",
+        *_heading("Re-ranking benchmark", report),
         "| size | queries x gallery | dim | device | wall s | CPU s | peak RSS MB | RSS before MB | peak GPU MB |",
         "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
     ]

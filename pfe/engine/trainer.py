@@ -95,9 +95,6 @@ def resolved_runtime(cfg: ExperimentConfig, device: torch.device) -> dict[str, s
     """What the ``auto`` settings of ``cfg`` become on ``device``: how the run really executes, for the
     record (MLflow tags ``pfe.resolved.*``)."""
     amp = autocast_dtype(cfg.runtime.precision, device)
-    frozen = frozen_main_mode(cfg.runtime)
-    if frozen == "fused" and device.type != "cuda":
-        frozen = "folded"  # cuDNN's fused kernels exist on a GPU only; elsewhere the copy stays folded
     return {
         "runtime.device": str(device),
         "runtime.precision": "bf16" if amp is torch.bfloat16 else "fp32",
@@ -105,7 +102,7 @@ def resolved_runtime(cfg: ExperimentConfig, device: torch.device) -> dict[str, s
         "runtime.cuda_graph": str(uses_cuda_graph(cfg, device)).lower(),
         "runtime.compile": compile_mode(cfg.runtime, device),
         "runtime.autotune": autotune_mode(cfg.runtime, device),
-        "runtime.frozen_main": frozen,
+        "runtime.frozen_main": frozen_main_mode(cfg.runtime, device),
     }
 
 

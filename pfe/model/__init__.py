@@ -31,14 +31,17 @@ def build_model(cfg: ExperimentConfig, num_classes: int, *, pretrained: str | No
     )
 
 
-def frozen_main_mode(runtime: RuntimeConfig) -> str:
+def frozen_main_mode(runtime: RuntimeConfig, device: torch.device | None = None) -> str:
     """``runtime.frozen_main``, with ``auto`` decided as measured on an H200 (reports/bench/NOTES.md):
     ``fused`` when the step is replayed from a CUDA graph (stage II 9.6 ms against 11.0 folded, session 5;
     cuDNN's fused ops cost host time on every eager call, which a replay does not repeat), else ``folded``
-    (eager: 21.0 ms against 23.3 fused, session 4). On a CPU both run the folded copy."""
-    if runtime.frozen_main != "auto":
-        return runtime.frozen_main
-    return "fused" if runtime.cuda_graph else "folded"
+    (eager: 21.0 ms against 23.3 fused, session 4). The model is built with this intent before it has a
+    device; given ``device``, what runs there: off a GPU the copy stays ``folded`` (cuDNN's fused kernels
+    exist on a GPU only)."""
+    mode = runtime.frozen_main
+    if mode == "auto":
+        mode = "fused" if runtime.cuda_graph and (device is None or device.type == "cuda") else "folded"
+    return "folded" if mode == "fused" and device is not None and device.type != "cuda" else mode
 
 
 def compile_mode(runtime: RuntimeConfig, device: torch.device) -> str:
