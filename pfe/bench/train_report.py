@@ -43,6 +43,16 @@ THROUGHPUT_ROWS = {
 }
 
 
+def throughput_rows(measurements: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """The rows a report shows: :data:`THROUGHPUT_ROWS` in their order, then any other measurement with an
+    images/s, labelled by its key (a report saved under names since renamed, e.g. session 5's ``stage1_compiled``)."""
+    others = [key for key, value in measurements.items()
+              if key not in THROUGHPUT_ROWS and isinstance(value, dict) and "img_s" in value]
+    order = {"baseline": 0, "stage1": 1, "stage2": 2}  # the baseline first, as in THROUGHPUT_ROWS
+    others.sort(key=lambda key: order.get(key.split("_")[0], len(order)))
+    return {**THROUGHPUT_ROWS, **{key: (key.replace("_", " "), f"{key} (as recorded)") for key in others}}
+
+
 def plot_throughput(report: dict[str, Any], path: str | Path) -> Path:
     """The report as a figure: images/s of each measurement with its ratio to the baseline of the same settings
     (whole epochs: to stage I's step), the issue's bounds as lines (stage I 0.9x, stage II 2.0x, epochs 0.95x stage I,
@@ -51,7 +61,8 @@ def plot_throughput(report: dict[str, Any], path: str | Path) -> Path:
     from matplotlib.figure import Figure
 
     m, base = report["measurements"], report.get("baseline_img_s")
-    keys = [k for k in THROUGHPUT_ROWS if k in m]
+    rows = throughput_rows(m)
+    keys = [k for k in rows if k in m]
     if not keys:
         raise ValueError("plot_throughput: the report holds no throughput measurement")
     colours = {"baseline": "0.55", "stage1": "#1f4e9a", "stage2": "#d9731a", "epoch": "#1a9a3a"}
@@ -63,7 +74,7 @@ def plot_throughput(report: dict[str, Any], path: str | Path) -> Path:
                         gridspec_kw={"width_ratios": [3, 1]} if with_memory else None)[0]
     y = list(range(len(keys)))[::-1]
     speed = [m[k]["img_s"] for k in keys]
-    bars = axes[0].barh(y, speed, color=[colours[k.split("_")[0]] for k in keys])
+    bars = axes[0].barh(y, speed, color=[colours.get(k.split("_")[0], "0.3") for k in keys])
     step1 = report.get("step_from_tensors_img_s")
     for key, bar, value in zip(keys, bars, speed):  # epochs against stage I's step, as the issue's bound
         times, of = (ratio(value, step1), "x stage I") if key.startswith("epoch") else (
@@ -81,7 +92,7 @@ def plot_throughput(report: dict[str, Any], path: str | Path) -> Path:
     if bounds:
         axes[0].legend(loc="lower right", fontsize=8)
     axes[0].set_xlim(0, max(speed + [x for x, _, _ in bounds]) * 1.25)
-    axes[0].set_yticks(y, [THROUGHPUT_ROWS[k][0] for k in keys])
+    axes[0].set_yticks(y, [rows[k][0] for k in keys])
     axes[0].set_xlabel("images/s (training step; whole epochs for the JPEG rows)")
     if with_memory:
         axes[1].barh(y, [v or 0.0 for v in memory], color="0.7")
@@ -130,7 +141,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "| what | images/s | ms/step | x baseline (same settings) | peak GPU memory (GB) |",
         "| --- | ---: | ---: | ---: | ---: |",
     ]
-    for key, (_, label) in THROUGHPUT_ROWS.items():
+    for key, (_, label) in throughput_rows(m).items():
         label = label.format(net=setup["backbone"])
         r = m.get(key)
         if r is None:
