@@ -149,27 +149,38 @@ def _row(name: str, size: str, device: str, runs: list[float]) -> dict[str, Any]
     }
 
 
+def _device(name: str) -> torch.device:
+    """``--device``: auto (a GPU where there is one), cpu or cuda[:N]."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DataError(f"--device {name}: no CUDA device is visible")
+    return dev
+
+
+def _host(dev: torch.device) -> dict[str, Any]:
+    """Where a benchmark ran: versions, CPU threads, the device, the load when it started."""
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "cpu_threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "load_average_1min_at_start": round(os.getloadavg()[0], 2),
+    }
+
+
 def bench_eval(device: str = "auto", quick: bool = False, repeats: int | None = None) -> dict[str, Any]:
     """Run the evaluation benchmark; returns the report as a dict."""
     repeats = repeats or (1 if quick else 3)
-    dev = torch.device(
-        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
-    )
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DataError("--device cuda: no CUDA device is visible")
+    dev = _device(device)
     size = "quick" if quick else "market1501"
     report: dict[str, Any] = {
         "benchmark": "eval",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "host": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "numpy": np.__version__,
-            "cpu_threads": torch.get_num_threads(),
-            "machine": platform.machine(),
-            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-            "load_average_1min_at_start": round(os.getloadavg()[0], 2),
-        },
+        "host": _host(dev),
         "protocol": "Market-1501 (same pid and camera removed per query), max_rank 50, random features",
         "results": [],
         "agreement": {},
@@ -290,31 +301,23 @@ def bench_rerank(device: str = "auto", quick: bool = False) -> dict[str, Any]:
     and on a GPU also MSMT17 size."""
     from pfe.engine.rerank import rerank_benchmark
 
-    dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
-    if dev.startswith("cuda") and not torch.cuda.is_available():
-        raise DataError("--device cuda: no CUDA device is visible")
+    dev = _device(device)
     cases = [("quick", 300, 1500, 256)]
     if not quick:
         cases = [("market1501", 3368, 15913, 2048), ("market1501", 3368, 15913, 3584)]
-        if dev.startswith("cuda"):
+        if dev.type == "cuda":
             cases.append(("msmt17", 11659, 82161, 3584))
     report: dict[str, Any] = {
         "benchmark": "rerank",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "host": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "cpu_threads": torch.get_num_threads(),
-            "device": torch.cuda.get_device_name(dev) if dev.startswith("cuda") else "cpu",
-            "load_average_1min_at_start": round(os.getloadavg()[0], 2),
-        },
+        "host": _host(dev),
         "protocol": "k-reciprocal re-ranking (Zhong et al. 2017), k1 20, k2 6, lambda 0.3, on L2-normalised features "
         "clustered around (Q+G)/20 centres; each size in a fresh process; peak RSS is that process's maximum "
         "(it includes generating the features: see RSS before)",
         "results": [],
     }
     for size, q, g, dim in cases:
-        row = rerank_benchmark(q, g, dim, dev)
+        row = rerank_benchmark(q, g, dim, str(dev))
         report["results"].append({"size": size, **row})
     report["host"]["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)
     return report
