@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from pfe.engine.evaluation import rank_metrics
+from pfe.engine.trainer import resolve_device
 from pfe.errors import DataError
 
 # name -> (queries, gallery, ids, cameras, share of gallery that is distractors)
@@ -149,16 +150,6 @@ def _row(name: str, size: str, device: str, runs: list[float]) -> dict[str, Any]
     }
 
 
-def _device(name: str) -> torch.device:
-    """``--device``: auto (a GPU where there is one), cpu or cuda[:N]."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DataError(f"--device {name}: no CUDA device is visible")
-    return dev
-
-
 def _host(dev: torch.device) -> dict[str, Any]:
     """Where a benchmark ran: versions, CPU threads, the device, the load when it started."""
     return {
@@ -175,7 +166,7 @@ def _host(dev: torch.device) -> dict[str, Any]:
 def bench_eval(device: str = "auto", quick: bool = False, repeats: int | None = None) -> dict[str, Any]:
     """Run the evaluation benchmark; returns the report as a dict."""
     repeats = repeats or (1 if quick else 3)
-    dev = _device(device)
+    dev = resolve_device(device, "--device")
     size = "quick" if quick else "market1501"
     report: dict[str, Any] = {
         "benchmark": "eval",
@@ -301,7 +292,7 @@ def bench_rerank(device: str = "auto", quick: bool = False) -> dict[str, Any]:
     and on a GPU also MSMT17 size."""
     from pfe.engine.rerank import rerank_benchmark
 
-    dev = _device(device)
+    dev = resolve_device(device, "--device")
     cases = [("quick", 300, 1500, 256)]
     if not quick:
         cases = [("market1501", 3368, 15913, 2048), ("market1501", 3368, 15913, 3584)]

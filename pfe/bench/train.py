@@ -545,7 +545,7 @@ def bench_train(device: str = "auto", quick: bool = False, out: str | Path | Non
     from pfe.engine.trainer import resolve_device, uses_cuda_graph
     from pfe.model import autotune_mode, compile_mode, frozen_main_mode
 
-    dev = resolve_device(device)
+    dev = resolve_device(device, "--device")
     sizes = QUICK if quick else FULL
     configs = bench_configs(sizes, dev)
     report: dict[str, Any] = {

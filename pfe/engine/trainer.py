@@ -71,12 +71,14 @@ class TrainResult:
 
 
 # ---------------------------------------------------------------- setup helpers
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, setting: str = "runtime.device") -> torch.device:
+    """auto (a GPU where there is one), cpu or cuda[:N]; ``setting`` names where ``name`` came from
+    (a config key, or a command's ``--device``) in the message when no GPU is here."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise PFEError(f"runtime.device={name}: no CUDA device here; use runtime.device=cpu or auto")
+        raise PFEError(f"{setting}={name}: no CUDA device here; use {setting}=cpu or auto")
     return device
 
 
