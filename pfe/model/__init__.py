@@ -40,8 +40,9 @@ def frozen_main_mode(runtime: RuntimeConfig, device: torch.device | None = None)
     exist on a GPU only)."""
     mode = runtime.frozen_main
     if mode == "auto":
-        mode = "fused" if runtime.cuda_graph and (device is None or device.type == "cuda") else "folded"
-    return "folded" if mode == "fused" and device is not None and device.type != "cuda" else mode
+        mode = "fused" if runtime.cuda_graph else "folded"
+    off_gpu = device is not None and device.type != "cuda"
+    return "folded" if mode == "fused" and off_gpu else mode
 
 
 def compile_mode(runtime: RuntimeConfig, device: torch.device) -> str:
