@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pfe.errors import ConfigError
 
@@ -95,7 +95,9 @@ class _Recipe(_Section):
     lr: float = Field(gt=0.0)
     milestones: list[int]
     gamma: float = Field(0.1, gt=0.0, le=1.0)
-    weight_decay: float = Field(5e-4, ge=0.0)
+    weight_decay: float = Field(
+        5e-4, ge=0.0, description="Adam's L2 term on every trained parameter, BN and classifiers too. The paper "
+        "states none; 5e-4 is the value of the ReID bag of tricks (the paper's [23])")
     warmup_epochs: int = Field(0, ge=0)
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
 
@@ -238,6 +240,16 @@ class ExperimentConfig(_Section):
     eval: EvalConfig = EvalConfig()
     runtime: RuntimeConfig = RuntimeConfig()
 
+    @model_validator(mode="after")
+    def _region_overlap_has_its_maps(self) -> ExperimentConfig:
+        """Eq. (8) multiplies A_2..A_5; ``side`` has no T_5, so it has no A_5 (Tables II, III set w_ro = 0)."""
+        if self.model.side == "side" and self.stage2.w_ro > 0:
+            raise ValueError(
+                f"stage2.w_ro={self.stage2.w_ro} with model.side=side: the region overlap loss (Eq. 8) needs A_5, "
+                "which only fa and mfa have; set stage2.w_ro: 0 (as the paper does for +side) or model.side: fa | mfa"
+            )
+        return self
+
     # ---- flattening and hashing -------------------------------------------------------------
     def flat(self, *, defining_only: bool = False) -> dict[str, Any]:
         """Dotted key -> value. ``defining_only`` drops ENVIRONMENT_KEYS."""
@@ -317,13 +329,14 @@ def _parse_overrides(overrides: dict[str, Any] | list[str], source: str) -> dict
 def describe_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid config"]
     for problem in err.errors():
-        key = ".".join(str(p) for p in problem["loc"]) or "(top level)"
+        key = ".".join(str(p) for p in problem["loc"])
         if problem["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key (misspelled? the keys are the fields of pfe/config.py)")
         else:
             got = problem.get("input")
             shown = "" if isinstance(got, dict) else f" (got {got!r})"
-            lines.append(f"  {key}: {problem['msg']}{shown}")
+            message = problem["msg"].removeprefix("Value error, ")  # a check across sections names its keys
+            lines.append(f"  {key}: {message}{shown}" if key else f"  {message}")
     return "\n".join(lines)
 
 

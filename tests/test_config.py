@@ -70,6 +70,7 @@ def test_good_file_and_overrides(tmp_path):
         ("", ["eval.sets=[F6]"], "eval.sets"),
         ("stage1:\n  milestones: [70, 40]\n", [], "stage1.milestones"),
         ("model: [1, 2\n", [], "not valid YAML"),
+        ("model:\n  side: side\n", [], "stage2.w_ro=0.001 with model.side=side"),  # no A_5 for Eq. 8
     ],
 )
 def test_bad_configs_name_the_file_and_key(tmp_path, text, overrides, expected):

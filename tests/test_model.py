@@ -101,6 +101,17 @@ def test_activation_map_normalises_each_channel() -> None:
     assert torch.allclose(a, torch.tensor([[[0.5, 0.0], [0.0, 0.5]]]), atol=1e-5)
 
 
+def test_activation_map_of_bf16_maps_has_one_top_k() -> None:
+    """A_s in bf16 left 31 and 42 positions on the k-th value of a layer-2 map; fp32 leaves M_s no ties to break."""
+    t = torch.randn(2, 96, 96, 48, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)  # C = 96, 384x192
+    a = activation_map(t)
+    assert a.dtype == torch.float32
+    values = a.flatten(1).sort(dim=1, descending=True).values
+    k = mask_count(0.05, 96, 48)
+    ties = (values == values[:, k - 1 : k]).sum(dim=1)
+    assert ties.max() <= 2, f"{ties.tolist()} positions share the k-th value of A_2"
+
+
 # ---- cascade gradients (Eq. 7) ----------------------------------------------------------------------
 @pytest.mark.parametrize("s", [2, 3, 4])
 def test_cascade_loss_gradient_reach(batch, s: int) -> None:
@@ -257,13 +268,14 @@ def test_every_variant_runs_stage2_forward_and_backward(batch, attention: str, s
 
 
 def test_bf16_autocast_stage2(batch) -> None:
-    """runtime.precision=bf16: masks, maps and losses work on bf16 activations."""
+    """runtime.precision=bf16: masks, maps and losses work on bf16 activations; A_s stays fp32."""
     x, y = batch
     model = make(alpha=0.1).set_stage(2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(x, stage=2)
         terms = stage2_losses(out, y, mode="cascade", temperatures=(10.0, 8.0, 6.0), w_ro=0.001)
-    assert out.activation_maps["A2"].dtype == torch.bfloat16 and terms["loss"].dtype == torch.float32
+    assert out.features["F2"].dtype == torch.bfloat16 and terms["loss"].dtype == torch.float32
+    assert {a.dtype for a in out.activation_maps.values()} == {torch.float32}
     hw = out.masks["M2"].shape[1] * out.masks["M2"].shape[2]
     assert (out.masks["M2"] == 0).sum(dim=(1, 2)).tolist() == [max(1, round(0.1 * hw))] * 4
     terms["loss"].backward()

@@ -13,10 +13,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class RandomErasing(torch.nn.Module):
-    """Random Erasing (Zhong et al., AAAI 2020) with the paper's parameters: with probability ``p``
-    erase a rectangle of area ratio in [sl, sh] and aspect ratio in [r1, 1/r1] (up to 100 tries),
-    filled with the mean pixel. Applied to a [0, 1] CHW tensor before normalisation, so the erased
-    region is exactly 0 after normalising with ``mean``."""
+    """Random Erasing (Zhong et al., AAAI 2020, the paper's [43]) with that paper's area and aspect
+    parameters: with probability ``p`` erase a rectangle of area ratio in [sl, sh] and aspect ratio in
+    [r1, 1/r1] (up to 100 tries). The fill is the mean pixel, as in the ReID bag of tricks (Luo et al.)
+    and fast-reid, not [43]'s random values: the PFE paper does not say which. Applied to a [0, 1] CHW
+    tensor before normalisation, so the erased region is exactly 0 after normalising with ``mean``."""
 
     def __init__(self, p: float = 0.5, sl: float = 0.02, sh: float = 0.4, r1: float = 0.3,
                  mean: tuple[float, ...] = IMAGENET_MEAN, attempts: int = 100) -> None:

@@ -6,8 +6,9 @@
   in red, with their count).
   A model without side branches has no A_s of its own: the same formula is applied to the main
   branch's layer outputs, and the columns say so.
-- :func:`retrieval_figure` (Fig. 9): per query, the top-10 gallery images under F5 alone and under
-  the final set (F2_F3_F4_F5); green border = same identity, red = another identity or a
+- :func:`retrieval_figure` (in the manner of Fig. 9, which sets PFE's top 5 against a baseline
+  model's): per query, one model's top-10 gallery images under its own F5 (its stage-I feature) and
+  under the final set (F2_F3_F4_F5); green border = same identity, red = another identity or a
   distractor; gallery images of the query's identity under the query's camera are skipped (the
   evaluation protocol ignores them too).
 - :func:`log_pictures` sends the PNGs to an MLflow run (mlflow imported only there).

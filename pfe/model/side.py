@@ -31,8 +31,12 @@ def mask_count(alpha: float, height: int, width: int) -> int:
 
 
 def activation_map(t: Tensor, eps: float = EPS) -> Tensor:
-    """A_s (Eq. 12): |T_s| with each channel divided by its spatial max, averaged over channels; B x H x W in [0, 1]."""
-    a = t.abs()
+    """A_s (Eq. 12): |T_s| with each channel divided by its spatial max, averaged over channels; B x H x W in [0, 1].
+
+    Always fp32, also under bf16 autocast: bf16's 8-bit mantissa would put tens of positions on the
+    k-th largest value that M_s cuts at, and the tie rule (lower index first) would then pick rows.
+    """
+    a = t.abs().float()
     a = a / (a.amax(dim=(2, 3), keepdim=True) + eps)
     return a.mean(dim=1)
 
@@ -134,7 +138,7 @@ class SideBranches(nn.Module):
             # Eq. (12), M_s; fa masks nothing
             m_s = top_mask(a_s, self.alpha) if self.mode == "mfa" else torch.ones_like(a_s)
             out.masks[f"M{s}"] = m_s
-            kept = t[s] * m_s.unsqueeze(1)  # T_s (x) M_s
+            kept = t[s] * m_s.unsqueeze(1).to(t[s].dtype)  # T_s (x) M_s
             if s == 5:
                 phi = kept  # Eq. (13), s = S: Phi_5 = T_5 (x) M_5
                 continue
