@@ -63,7 +63,7 @@ base:
     runtime.device: cpu
     runtime.progress: false
 variants:
-  side: {{model.side: side, stage2.loss: independent}}
+  side: {{model.side: side, stage2.loss: independent, stage2.w_ro: 0.0}}
 resources: {{cpu: 1, gpu: 0}}
 max_failures: 2
 tracking: {{uri: "{uri}"}}

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from pfe.config import ExperimentConfig, dump_config, load_config
+from pfe.config import HASHED_AT_DEFAULT, ExperimentConfig, dump_config, load_config
 from pfe.errors import ConfigError
 
 
@@ -146,3 +147,13 @@ def test_keys_are_stable_and_explicit_defaults_hash_like_implicit_ones():
     assert ExperimentConfig().stage1_key() == ExperimentConfig().stage1_key()
     assert ExperimentConfig().with_overrides({"model.side": "mfa"}).config_hash() == ExperimentConfig().config_hash()
     assert len(ExperimentConfig().stage1_key()) == 16
+
+
+def test_a_changed_default_never_resumes_a_trial_of_the_old_one():
+    """model.channels defaulted to 96 before 2026-12: its trials, hashed without it, must not pass for C = 128."""
+    empty_payload = hashlib.sha256(b"{}").hexdigest()[:16]  # the defaults' hash when nothing is hashed at default
+    cfg = ExperimentConfig()
+    assert cfg.model.channels == 128 and "model.channels" in HASHED_AT_DEFAULT
+    assert cfg.config_hash() != empty_payload  # the old default config's trial id
+    assert cfg.stage1_key() == empty_payload  # stage I does not depend on C: its checkpoints stay shared
+    assert cfg.with_overrides({"model.channels": 96}).config_hash() != cfg.config_hash()

@@ -287,6 +287,7 @@ def test_report_after_the_tiny_study(tiny_study_run, tmp_path: Path) -> None:
 
 GRID_YAML = """\
 name: grid
+base: {overrides: {stage2.w_ro: 0.0}}
 axes:
   stage2.loss: [independent, uniform, cascade]
   model.side: [side, mfa]

@@ -124,6 +124,7 @@ def bench_configs(sizes: Sizes, device: torch.device) -> dict[str, ExperimentCon
         "stage1": base,
         "stage2": base,
         "stage2_separable": base.with_overrides({"model.separable": True}),
+        "stage2_c96": base.with_overrides({"model.channels": 96}),  # model.channels' default before 2026-12
         "stage2_unfolded": base.with_overrides({"runtime.frozen_main": "modules"}),
         "stage2_folded": base.with_overrides({"runtime.frozen_main": "folded"}),
         "stage2_fused": base.with_overrides({"runtime.frozen_main": "fused"}),
@@ -483,7 +484,7 @@ AUTOTUNED = ("coordinate_descent", "max_autotune_gemm", "max_autotune")
 STEP_MEASUREMENTS = ("baseline", "stage1", "stage2", "baseline_uncompiled", "stage1_uncompiled", "stage2_uncompiled",
                      "stage1_regions", "stage2_regions", "baseline_eager", "stage1_eager", "stage2_eager",
                      *(f"{name}_{tuning}" for tuning in AUTOTUNED for name in ("baseline", "stage1")),
-                     "stage2_separable", "stage2_unfolded", "stage2_folded", "stage2_fused", "stage2_frozen_forward")
+                     "stage2_separable", "stage2_c96", "stage2_unfolded", "stage2_folded", "stage2_fused", "stage2_frozen_forward")
 GRAPHED = ("baseline", "stage1", "stage2")  # measured with the defaults, eager, and graphed without compiling
 # every name `bench train --only` takes
 MEASUREMENTS = (*STEP_MEASUREMENTS, "epoch_device_cache", "epoch_workers", "eval",
@@ -652,6 +653,7 @@ def bench_train(device: str = "auto", quick: bool = False, out: str | Path | Non
         steps("stage2_folded" if frozen_main_mode(configs["stage2"].runtime, dev) == "fused" else "stage2_fused")
         measure("stage2_frozen_forward", lambda: time_steps(configs["stage2"], 2, sizes, dev, frozen_forward_only=True))
         steps("stage2_separable")
+        steps("stage2_c96")
         if "synth" not in report["errors"]:
             measure("epoch_workers", lambda: time_epochs(
                 configs["stage1"].with_overrides({**data, "data.cache": "none"}), sizes, dev))

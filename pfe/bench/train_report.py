@@ -29,6 +29,7 @@ THROUGHPUT_ROWS = {
     "stage1_eager": ("stage I, eager", "PFE stage I, eager step (runtime.cuda_graph=false)"),
     "stage2_eager": ("stage II, eager", "PFE stage II, eager step (runtime.cuda_graph=false)"),
     "stage2_separable": ("stage II, MFA-dagger", "PFE stage II with MFA-dagger (separable 3x3)"),
+    "stage2_c96": ("stage II, C = 96", "PFE stage II with C = 96, the default before 2026-12 (reports before it)"),
     "stage2_unfolded": ("stage II, frozen_main=modules",
                         "PFE stage II, frozen main branch as checkpointed (runtime.frozen_main=modules)"),
     "stage2_folded": ("stage II, frozen_main=folded",

@@ -7,8 +7,8 @@ pooling and BN are not counted) for one image at the configured input size, test
 features, no classifier). The model is built on the meta device: no weights are loaded or allocated.
 
 Measured for ResNet50, last stride 1, 384x192 (see reports/table5_profile.md): backbone 23.51 M,
-9.12 GMACs; +TSAM 24.91 M (+5.96 %); PFE TSAM+MFA-dagger with C = 128: 25.66 M, 10.23 GMACs
-(+3.18 %); with C = 96: 25.47 M, 10.00 GMACs (+2.35 %), closer to the paper's 25.5 M, 9.9, +2.5 %.
+9.12 GMACs; +TSAM 24.91 M (+5.96 %); PFE TSAM+MFA-dagger with C = 128 (the default): 25.66 M,
+10.23 GMACs (+3.18 %); with C = 96: 25.47 M, 10.00 GMACs (+2.35 %), closer to the paper's 25.5 M, 9.9, +2.5 %.
 """
 
 from __future__ import annotations
