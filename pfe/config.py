@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -187,6 +188,13 @@ class RuntimeConfig(_Section):
         "a copy with BN folded into the convs, or that copy with cuDNN conv+ReLU kernels (pfe.model.frozen; "
         "results equal up to rounding); auto: fused when the step is replayed from a CUDA graph, else folded")
 
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise ValueError("a device is auto, cpu, cuda or cuda:N")
+        return value
+
     @field_validator("compile", mode="before")
     @classmethod
     def _compile_from_bool(cls, value: Any) -> Any:
@@ -328,7 +336,7 @@ def _parse_overrides(overrides: dict[str, Any] | list[str], source: str) -> dict
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"{source}: override {item!r} must look like section.key=value")
-        parsed[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        parsed[key.strip()] = parse_yaml(raw, f"{source}: override {item!r}") if raw.strip() else None
     return parsed
 
 
@@ -356,17 +364,46 @@ def validate_config(data: dict[str, Any], source: str = "<config>") -> Experimen
         raise ConfigError(describe_validation_error(err, source)) from None
 
 
-def read_yaml(path: str | Path) -> Any:
-    """Safe-load a YAML file; a missing or malformed file becomes a ConfigError naming it."""
-    path = Path(path)
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice in one mapping (merge the two)", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """Safe-load YAML text; a syntax error or a repeated key becomes a ConfigError naming ``source``."""
     try:
-        text = path.read_text()
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: not valid YAML: {str(err).replace('<unicode string>', source)}") from None
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Safe-load a YAML file; a missing, unreadable or malformed file becomes a ConfigError naming it."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder; give the YAML file inside it")
+    try:
+        text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise ConfigError(f"{path}: cannot read ({err.strerror})") from None
-    try:
-        return yaml.safe_load(text) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file (a YAML config or study file is text)") from None
+    return parse_yaml(text, str(path)) or {}
+
+
+def load_config_text(text: str, source: str) -> ExperimentConfig:
+    """A config from YAML text (a checkpoint's or an MLflow artifact's), errors naming ``source``."""
+    return validate_config(parse_yaml(text, source), source)
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | list[str] = ()) -> ExperimentConfig:

@@ -72,6 +72,9 @@ def test_good_file_and_overrides(tmp_path):
         ("stage1:\n  milestones: [70, 40]\n", [], "stage1.milestones"),
         ("model: [1, 2\n", [], "not valid YAML"),
         ("model:\n  side: side\n", [], "stage2.w_ro=0.001 with model.side=side"),  # no A_5 for Eq. 8
+        ("stage1:\n  epochs: 5\nstage1:\n  lr: 0.1\n", [], "key 'stage1' is given twice"),  # not the last silently
+        ("", ["model.alpha=[0.1"], "override 'model.alpha=[0.1'"),
+        ("runtime:\n  device: gpu\n", [], "runtime.device: a device is auto, cpu, cuda or cuda:N"),
     ],
 )
 def test_bad_configs_name_the_file_and_key(tmp_path, text, overrides, expected):
@@ -80,6 +83,15 @@ def test_bad_configs_name_the_file_and_key(tmp_path, text, overrides, expected):
         load_config(path, overrides)
     assert str(path) in str(err.value)
     assert expected in str(err.value)
+
+
+def test_a_binary_file_or_a_folder_is_named_as_such(tmp_path):
+    binary = tmp_path / "config.yaml"
+    binary.write_bytes(b"\xff\xfe\x00model")
+    with pytest.raises(ConfigError, match="config.yaml: not a UTF-8 text file"):
+        load_config(binary)
+    with pytest.raises(ConfigError, match="is a folder"):
+        load_config(tmp_path)
 
 
 def test_cli_rejects_bad_config_with_exit_2_and_no_traceback(tmp_path):

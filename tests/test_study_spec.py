@@ -146,7 +146,7 @@ variants:
         (BASE + "axes: {model.side: [fa]}\n", ["variants.A", "model.side", "also an axis"]),
         (BASE + "axes: {model.alpha: [0.1, 7]}\n", ["axes", "model.alpha"]),
         (BASE + "rules: [{when: {data.datset: msmt17}, set: {stage2.w_ro: 0}}]\n", ["rules[0].when", "data.datset"]),
-        (BASE + "base: {file: missing.yaml}\n", ["base.file", "missing.yaml", "does not exist"]),
+        (BASE + "base: {file: missing.yaml}\n", ["base.file", "missing.yaml", "is not a file"]),
         (BASE + "base: {overrides: {stage1.epochs: 0}}\n", ["base.overrides", "stage1.epochs"]),
         (BASE + "report: {rows: model.alpha}\n", ["report", "model.alpha", "axis key"]),
         (BASE + "search: {space: {model.alpha: {type: uniform, low: 0.5, high: 0.1}}, num_samples: 2}\n",

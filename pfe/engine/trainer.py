@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from pfe import losses
-from pfe.config import ExperimentConfig, _Recipe, dump_config, load_config
+from pfe.config import ExperimentConfig, _Recipe, dump_config, load_config, load_config_text
 from pfe.data.datasets import ReIDDataset, build_dataset
 from pfe.data.device_cache import DeviceTrainCache, epoch_generator
 from pfe.data.loader import ImageDataset, SeededBatches, resolve_workers
@@ -76,7 +76,10 @@ def resolve_device(name: str, setting: str = "runtime.device") -> torch.device:
     (a config key, or a command's ``--device``) in the message when no GPU is here."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise PFEError(f"{setting}={name}: not a device; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise PFEError(f"{setting}={name}: no CUDA device here; use {setting}=cpu or auto")
     return device
@@ -614,10 +617,3 @@ def load_trained_model(path: str | Path, device: str = "cpu") -> tuple[PFENet, E
     model.set_stage(state["stage"])
     return model.to(device).eval(), cfg
 
-
-def load_config_text(text: str, source: str) -> ExperimentConfig:
-    import yaml
-
-    from pfe.config import validate_config
-
-    return validate_config(yaml.safe_load(text), source)

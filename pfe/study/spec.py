@@ -478,7 +478,7 @@ def _load_base(spec: StudySpec, path: Path) -> ExperimentConfig:
             base_file = path.parent / base_file
         if not base_file.is_file():
             raise ConfigError(
-                f"{spec.source}: base.file: {base_file} does not exist (paths are relative to the study file)"
+                f"{spec.source}: base.file: {base_file} is not a file (paths are relative to the study file)"
             )
     try:
         cfg = load_config(base_file) if base_file else ExperimentConfig()
