@@ -15,7 +15,16 @@ import torch
 from pfe.config import ExperimentConfig
 from pfe.data.synth import generate_synthreid
 from pfe.engine import checkpoint as ckpt
-from pfe.engine.trainer import NonFiniteLoss, TrainHooks, main_branch_state, state_checksum, train
+from pfe.engine.trainer import (
+    RESULT_FILE,
+    NonFiniteLoss,
+    TrainHooks,
+    _clear_run_folder,
+    main_branch_state,
+    state_checksum,
+    train,
+)
+from pfe.errors import PFEError
 from pfe.model import build_model
 
 TINY = {
@@ -172,6 +181,43 @@ def test_a_stage_restored_from_its_final_checkpoint_is_not_retrained(tiny_cfg, u
     assert hooks.epochs == [] and hooks.stage_ends == [2]
     assert restored.metrics == result.metrics
     assert restored.cmc == result.cmc and "F2_F3_F4_F5" in restored.cmc
+
+
+def test_a_run_folder_or_a_stage_one_of_another_config_never_continues(tiny_cfg, uninterrupted, tmp_path):
+    import shutil
+
+    result = uninterrupted[0]
+    copy = tmp_path / "copy"
+    shutil.copytree(result.workdir, copy)
+    with pytest.raises(PFEError, match=r"this run folder was trained under another config \(stage2.lr: 0.00035 -> 0.001"):
+        train(tiny_cfg.with_overrides({"stage2.lr": 1e-3}), copy)
+    with pytest.raises(PFEError, match=r"this stage I was trained under another config \(model.attention: 'tsam' -> 'seb'"):
+        train(tiny_cfg.with_overrides({"model.attention": "seb"}), tmp_path / "new", stage1_from=result.workdir)
+    assert (copy / "config.yaml").read_text() == (result.workdir / "config.yaml").read_text()  # not overwritten
+    # An unreadable result.json is ignored: the final checkpoints give the same result again, nothing retrained.
+    (copy / RESULT_FILE).write_text("{half a file")
+    hooks = Recorder()
+    assert train(tiny_cfg, copy, hooks=hooks).metrics == result.metrics and hooks.epochs == []
+
+
+def test_fresh_removes_the_previous_run_only_once_the_data_is_found_and_only_its_files(tiny_cfg, uninterrupted, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(uninterrupted[0].workdir, copy)
+    (copy / "my_notes.txt").write_text("not the trainer's")
+    with pytest.raises(PFEError, match="typo"):
+        train(tiny_cfg.with_overrides({"data.root": str(tmp_path / "typo")}), copy, fresh=True)
+    assert (copy / RESULT_FILE).is_file() and ckpt.final_path(copy, 2).is_file()  # nothing lost
+    _clear_run_folder(copy, lambda message: None)
+    assert [p.name for p in copy.iterdir()] == ["my_notes.txt"]
+
+
+def test_a_checkpoint_without_its_config_is_refused(tmp_path):
+    path = tmp_path / "final.pt"
+    torch.save({"format": ckpt.FORMAT, "model": {}}, path)
+    with pytest.raises(PFEError, match="final.pt: a pfe checkpoint without stage, epoch, metrics, config"):
+        ckpt.load(path)
 
 
 def test_a_deterministic_run_does_not_leave_the_process_deterministic() -> None:

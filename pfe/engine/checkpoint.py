@@ -16,6 +16,7 @@ from pfe.errors import PFEError
 EPOCH_FILE = re.compile(r"^epoch_(\d{4})\.pt$")
 FINAL_FILE = "final.pt"
 FORMAT = "pfe-checkpoint/1"  # the "format" entry of every checkpoint the trainer writes
+REQUIRED_KEYS = ("stage", "epoch", "model", "metrics", "config")  # what resuming and evaluating read
 KEEP_LAST = 2
 
 
@@ -67,6 +68,9 @@ def load(path: str | Path, advice: str = "delete it to restart that stage") -> d
             f"{path}: not a pfe checkpoint (a torch file without format {FORMAT!r}; `pfe-study train` writes "
             f"stage1/final.pt, stage2/final.pt and epoch_NNNN.pt); {advice}"
         )
+    missing = [key for key in REQUIRED_KEYS if key not in state]
+    if missing:
+        raise PFEError(f"{path}: a pfe checkpoint without {', '.join(missing)} (damaged or hand-made); {advice}")
     return state
 
 

@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from pfe import losses
-from pfe.config import ExperimentConfig, _Recipe, dump_config, load_config, load_config_text
+from pfe.config import STAGE1_PREFIXES, ExperimentConfig, _Recipe, dump_config, load_config, load_config_text
 from pfe.data.datasets import ReIDDataset, build_dataset
 from pfe.data.device_cache import DeviceTrainCache, epoch_generator
 from pfe.data.loader import ImageDataset, SeededBatches, resolve_workers
@@ -512,29 +512,37 @@ def train(
     stage1_from: str | Path | None = None,
     stages: tuple[int, ...] = (1, 2),
     log: Callable[[str], None] | None = None,
+    fresh: bool = False,
 ) -> TrainResult:
     """Train (or resume) stage I then stage II in ``workdir``.
 
     ``stage1_from``: start stage II from this stage-I checkpoint instead of training stage I.
     ``stages``: which stages to run (the runner trains stage I alone, once per stage-I key).
     Resumes from the newest checkpoint in ``workdir``; a finished run returns its stored result.
+    ``fresh``: start over, removing the trainer's own files in ``workdir`` once the data and model are built.
     """
     workdir = Path(workdir)
     hooks = hooks or TrainHooks()
     if log is None:
         log = _print_stderr if cfg.runtime.progress else _quiet
+    previous = workdir / "config.yaml"
+    run = None
+    if fresh:
+        run = _Run(cfg, workdir, hooks, log)  # a missing dataset or a bad setting stops before anything is removed
+        _clear_run_folder(workdir, log)
+    elif previous.is_file():  # a run folder continues only the run it holds
+        _same_run(load_config_text(previous.read_text(), str(previous)), cfg, stages, str(workdir), "run folder")
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.yaml").write_text(dump_config(cfg))
+    previous.write_text(dump_config(cfg))
     want_stage2 = 2 in stages and cfg.model.side != "none"
 
     result_file = workdir / RESULT_FILE
-    if result_file.is_file():
-        stored = json.loads(result_file.read_text())
-        if stored.get("config_hash") == cfg.config_hash() and stored.get("stages") == list(stages):
-            log(f"{workdir}: already finished")
-            return TrainResult(workdir=workdir, **{k: v for k, v in stored["result"].items()})
+    stored = _stored_result(result_file, log)
+    if stored.get("config_hash") == cfg.config_hash() and stored.get("stages") == list(stages):
+        log(f"{workdir}: already finished")
+        return TrainResult(workdir=workdir, **{k: v for k, v in stored["result"].items()})
 
-    run = _Run(cfg, workdir, hooks, log)
+    run = run or _Run(cfg, workdir, hooks, log)
     wall: dict[str, float] = {}
 
     def resume_state(stage: int) -> dict[str, Any] | None:
@@ -549,6 +557,7 @@ def train(
         stage1_final = _find_stage1_final(stage1_from)
     if stage1_final.is_file():
         state = ckpt.load(stage1_final)
+        _same_run(load_config_text(state["config"], str(stage1_final)), cfg, (1,), str(stage1_final), "stage I")
         run.model.load_state_dict(_with_fresh_side(run.model, state["model"]), strict=True)
         stage1_metrics = dict(state["metrics"])
         run.cmc = dict(state.get("cmc", {}))
@@ -574,6 +583,58 @@ def train(
     return result
 
 
+RUN_FOLDER_ENTRIES = ("config.yaml", RESULT_FILE, "result.tmp", "stage1", "stage2")  # what train() writes
+
+
+def _clear_run_folder(workdir: Path, log: Callable[[str], None]) -> None:
+    """Remove what :func:`train` wrote in ``workdir``; anything else there is left alone."""
+    for name in RUN_FOLDER_ENTRIES:
+        path = workdir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    others = sorted(p.name for p in workdir.iterdir()) if workdir.is_dir() else []
+    if others:
+        log(f"{workdir}: --fresh removed the previous run; kept what it did not write: {', '.join(others[:5])}")
+
+
+def _same_run(stored: ExperimentConfig, cfg: ExperimentConfig, stages: tuple[int, ...], where: str, what: str) -> None:
+    """Stop when ``where`` (a run folder or a stage-I checkpoint) was made under another config than ``cfg``.
+
+    Only what the ``stages`` run compute counts: stage I alone is judged by its stage-I key."""
+    if stages == (1,):
+        differ = stored.stage1_key() != cfg.stage1_key()
+        keys = [k for k in _differing(stored, cfg) if k.startswith(STAGE1_PREFIXES)]
+    else:
+        differ = stored.config_hash() != cfg.config_hash()
+        keys = _differing(stored, cfg)
+    if differ:
+        shown = ", ".join(keys[:6]) + (" ..." if len(keys) > 6 else "") or "a default changed since"
+        raise PFEError(
+            f"{where}: this {what} was trained under another config ({shown}); it cannot continue this one. "
+            "Give another --out (the default folder is named by the config's hash), or --fresh to start over there"
+        )
+
+
+def _differing(stored: ExperimentConfig, cfg: ExperimentConfig) -> list[str]:
+    old, new = stored.flat(defining_only=True), cfg.flat(defining_only=True)
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+
+
+def _stored_result(result_file: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    """A finished run's stored result; {} when there is none or it is unreadable (then the final checkpoints,
+    which hold everything, finish the run again quickly)."""
+    if not result_file.is_file():
+        return {}
+    try:
+        stored = json.loads(result_file.read_text())
+    except (OSError, ValueError):
+        log(f"{result_file}: unreadable, ignored; the run's checkpoints give its result again")
+        return {}
+    return stored if isinstance(stored, dict) else {}
+
+
 def _with_fresh_side(model: PFENet, stage1_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The stage-I main branch with this run's own (seeded) side-branch initialisation."""
     merged = model.state_dict()
@@ -590,9 +651,7 @@ def cli_train(args: argparse.Namespace) -> int:
     """`pfe-study train [CONFIG] [key=value ...]`."""
     cfg = load_config(args.config, args.overrides)
     workdir = Path(args.out) if args.out else Path(cfg.runtime.output_dir) / cfg.config_hash()
-    if args.fresh and workdir.exists():
-        shutil.rmtree(workdir)
-    result = train(cfg, workdir, stage1_from=args.stage1_from)
+    result = train(cfg, workdir, stage1_from=args.stage1_from, fresh=args.fresh)
     print(f"run folder: {workdir}")
     width = max((len(k) for k in result.metrics), default=0)
     for key in sorted(k for k in result.metrics if k.startswith(("eval/", "twins/"))):
