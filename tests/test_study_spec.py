@@ -14,6 +14,7 @@ from pfe.study.tracking import check_cluster_rules
 from pfe.study.uris import (
     TrackingError,
     absolute_sqlite_uri,
+    check_ray_address,
     check_reachable,
     is_shared_storage,
     mask_text,
@@ -240,6 +241,23 @@ def test_masking_and_cluster_rules(tmp_path: Path) -> None:
     assert "hunter2" not in str(err.value)
     check_cluster_rules(uri, "s3://bucket/x", "head:6379")
     assert is_shared_storage("gs://b/p") and not is_shared_storage(str(tmp_path))
+
+
+def test_a_dead_ray_address_stops_at_once_instead_of_retrying() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        with pytest.raises(ConfigError, match=rf"--address {address}: no Ray head answers there"):
+            check_ray_address(address, timeout=3)
+    with pytest.raises(ConfigError, match="use host:port"):
+        check_ray_address("head-node")
+    with socket.socket() as s:  # a listening port passes, as do auto and local
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        check_ray_address(f"127.0.0.1:{s.getsockname()[1]}")
+    check_ray_address("auto")
+    check_ray_address(None)
 
 
 def test_unreachable_tracking_server_is_named_masked() -> None:

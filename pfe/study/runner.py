@@ -44,7 +44,7 @@ from pfe.study.tracking import (
     per_layer,
 )
 from pfe.study.trainable import resolve_payload, trainable
-from pfe.study.uris import check_reachable, mask_uri
+from pfe.study.uris import check_ray_address, check_reachable, mask_uri
 
 
 # ---- CLI ---------------------------------------------------------------------------------------
@@ -113,6 +113,7 @@ def run_study(
     uri, storage = spec.tracking_uri, spec.storage_path
     check_cluster_rules(uri, storage, address)
     check_reachable(uri)
+    check_ray_address(address)
     trials = spec.expand()
     if spec.search and len(trials) != 1:
         raise ConfigError(

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from pfe.errors import PFEError
+from pfe.errors import ConfigError, PFEError
 
 _CRED = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@:\s]*)(?::(?P<pw>[^/@\s]*))?@")
 _QUERY_SECRET = re.compile(
@@ -166,6 +167,24 @@ def check_reachable(uri: str, timeout: float = 10.0, advice: str = RUN_ADVICE) -
         reason = getattr(err, "reason", err)
         raise TrackingError(
             f"tracking server {mask_uri(uri)} is unreachable ({mask_text(str(reason), [uri])}); {advice}"
+        ) from None
+
+
+def check_ray_address(address: str | None, timeout: float = 10.0) -> None:
+    """A ``host:port`` (or ``ray://host:port``) Ray address must accept a connection before the study opens
+    anything: ray.init retries a dead head's GCS for minutes. ``auto``, ``local`` and none pass (ray.init
+    itself says when ``auto`` finds no cluster)."""
+    if not address or address in ("auto", "local"):
+        return
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"--address {address}: use host:port, ray://host:port, auto or local")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise ConfigError(
+            f"--address {address}: no Ray head answers there ({err.strerror or err}); start the cluster "
+            "(cluster/README.md) or check RAY_ADDRESS, or run without --address on this machine"
         ) from None
 
 
