@@ -103,3 +103,28 @@ def test_rerunning_a_finished_study_runs_nothing(tiny_study_run: StudyRun) -> No
     assert "Started a local Ray" not in proc.stdout + proc.stderr
     _, again = _runs(tiny_study_run)
     assert {r.info.run_id for r in again} == {r.info.run_id for r in runs}
+
+
+def test_a_trial_failing_on_bad_input_is_not_retried_and_says_why(tmp_path) -> None:
+    """A NaN loss (a PFEError, as a corrupt image or a missing file is) fails alike on every retry: the trial
+    ends FAILED at once with the message, instead of max_failures attempts with tracebacks."""
+    from conftest import TINY_STUDY
+
+    text = TINY_STUDY.read_text().replace("name: tiny", "name: tiny_nan")
+    text = text[: text.index("variants:")] + (
+        "variants:\n  NaN: {model.side: mfa, stage1.lr: 1.0e+30, runtime.nan_check_every: 1}\n"
+        "max_failures: 2\nresources: {cpu: 1, gpu: 0}\ntracking: {uri: sqlite:///mlflow.db}\nstorage: ray_results\n"
+    )
+    study = tmp_path / "nan.yaml"
+    study.write_text(text)
+    proc = run_cli(["run", str(study)], tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out[-4000:]
+    assert "on bad input (not retried)" in out and "became NaN/Inf" in out, out[-4000:]
+    assert "fix first what a FAILED line above names" in out
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("tiny_nan").experiment_id])
+    stage1 = [r for r in runs if r.data.tags.get("pfe.role") == "stage1"]
+    assert len(stage1) == 1 and stage1[0].info.status == "FAILED"
+    assert stage1[0].data.tags["pfe.input_error"] == "1" and "lower the learning rate" in stage1[0].data.tags["pfe.error"]
+    assert out.count("Traceback") == 0  # one attempt, no retry's traceback

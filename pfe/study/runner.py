@@ -89,7 +89,8 @@ class Outcome:
             f"`pfe-study report` builds the table",
         ]
         if self.unfinished:
-            lines.append("unfinished: " + "; ".join(self.unfinished) + "  (rerun the same command to resume)")
+            lines.append("unfinished: " + "; ".join(self.unfinished) + "  (rerun the same command to resume; "
+                         "fix first what a FAILED line above names)")
         return "\n".join(lines)
 
 

@@ -320,6 +320,7 @@ class _TrialState:
         self.last_elapsed = 0.0
         self.final_seen = False
         self.epochs_done = rec.epochs_done
+        self.input_error = ""  # the trial's PFEError, when bad input ended it (not retried)
 
 
 def make_tracking_callback(
@@ -361,6 +362,9 @@ def make_tracking_callback(
 
         def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
             state = self._state(trial)
+            if result.get("pfe_input_error"):
+                state.input_error = str(result["pfe_input_error"])
+                return
             elapsed = float(result.get("pfe_elapsed", 0.0))
             if elapsed < state.last_elapsed:  # a new attempt (retry from a checkpoint)
                 state.base_wall += state.last_elapsed
@@ -410,7 +414,10 @@ def make_tracking_callback(
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             state = self._state(trial)
             asked = int(state.payload.get("epochs_asked", 0))
-            if state.epochs_done >= asked:  # all its epochs reported (the final report adds artifacts only)
+            if state.input_error:
+                tracker.end_run(state.rec, "failed", {"pfe.error": state.input_error[:5000], "pfe.input_error": "1"})
+                _say(f"FAILED {_label(state)} on bad input (not retried): {state.input_error}")
+            elif state.epochs_done >= asked:  # all its epochs reported (the final report adds artifacts only)
                 tracker.end_run(state.rec, "finished")
                 shown = "  ".join(f"{k}={v}" for k, v in state.rec.tags.items() if k == "pfe.wall_s")
                 _say(f"done   {_label(state)}  {shown}")

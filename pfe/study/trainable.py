@@ -112,6 +112,12 @@ class _Reporter:
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
+    def input_error(self, err: PFEError) -> None:
+        """End the trial on bad input without raising, so Tune does not retry it (``pfe_input_error``)."""
+        from ray import tune
+
+        tune.report({"pfe_input_error": str(err), "pfe_elapsed": time.perf_counter() - self.started})
+
     def final(self, metrics: dict[str, float], cmc: dict[str, list[float]], wall: dict[str, float]) -> None:
         from ray import tune
 
@@ -205,7 +211,11 @@ def trainable(config: dict[str, Any]) -> None:
             def on_stage_end(self, stage: int, metrics: dict[str, float], checkpoint: Path) -> None:
                 reporter.stage_end(stage, metrics, checkpoint)
 
-        result = train(cfg, workdir, hooks=Hooks(), stage1_from=stage1_from, stages=tuple(payload["stages"]))
+        try:
+            result = train(cfg, workdir, hooks=Hooks(), stage1_from=stage1_from, stages=tuple(payload["stages"]))
+        except PFEError as err:  # bad input (a corrupt image, a NaN loss, a missing file): a retry fails alike
+            reporter.input_error(err)
+            return
         reporter.device = result.device_kind
         reporter.final(result.metrics, result.cmc, result.wall_s)
     finally:
