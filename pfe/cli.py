@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from pfe.errors import NotYetAvailable, PFEError
+from pfe.errors import PFEError, user_message
 
 # command -> (module, function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -122,13 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _handler(command: str) -> Callable[[argparse.Namespace], int]:
     module_name, func_name, _ = COMMANDS[command]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        if err.name and err.name.startswith("pfe"):
-            raise NotYetAvailable(f"`pfe-study {command}` is not available yet in this version") from None
-        raise
-    return getattr(module, func_name)
+    return getattr(importlib.import_module(module_name), func_name)
 
 
 def _split_config_and_overrides(args: argparse.Namespace) -> None:
@@ -144,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(_handler(args.command)(args) or 0)
     except PFEError as err:
-        print(f"pfe-study {args.command}: {err}", file=sys.stderr)
+        print(f"pfe-study {args.command}: {user_message(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"pfe-study {args.command}: interrupted", file=sys.stderr)

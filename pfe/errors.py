@@ -13,5 +13,12 @@ class DataError(PFEError):
     """A missing, malformed or unreadable dataset."""
 
 
-class NotYetAvailable(PFEError):
-    """A command whose capability another issue fills in."""
+def user_message(err: BaseException) -> str:
+    """The error's text for a person. A DataLoader worker re-raises an error with its worker's traceback
+    in the message ("Caught DataError in DataLoader worker process 0. Original Traceback ..."): only the
+    original message, the traceback's last line, is kept."""
+    text = str(err)
+    if "in DataLoader worker process" in text and "Original Traceback" in text:
+        last = text.rstrip().splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from pfe.config import DataConfig
 from pfe.data.datasets import (
@@ -24,7 +25,7 @@ from pfe.data.datasets import (
 )
 from pfe.data.loader import ImageDataset, read_image
 from pfe.data.transforms import IMAGENET_MEAN, RandomErasing, build_test_transform, build_train_transform
-from pfe.errors import DataError
+from pfe.errors import DataError, user_message
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "reid-real"
 pytestmark = pytest.mark.filterwarnings("ignore::pfe.data.datasets.DatasetCountWarning")
@@ -309,6 +310,11 @@ def test_corrupt_image_stops_with_its_path_or_is_skipped(tmp_path: Path) -> None
     assert lenient[1][3] == 2  # remembered, no second warning needed
     with pytest.raises(DataError, match="cannot read"):
         read_image(str(tmp_path / "missing.jpg"))
+    # Through a DataLoader worker the error comes back wrapped with the worker's traceback; the user sees its message.
+    with pytest.raises(DataError) as err:
+        next(iter(DataLoader(strict, batch_size=2, num_workers=1)))
+    assert "Original Traceback" in str(err.value)
+    assert user_message(err.value).startswith(f"{bad}: cannot read image") and "Traceback" not in user_message(err.value)
 
 
 def test_train_transform_shapes_and_random_erasing() -> None:

@@ -22,7 +22,7 @@ from typing import Any
 
 from pfe.config import ExperimentConfig, validate_config
 from pfe.data.loader import resolve_workers
-from pfe.errors import PFEError
+from pfe.errors import PFEError, user_message
 
 CHECKPOINT_META = "pfe_checkpoint.json"
 PICTURES_DIR = "pictures"  # in the final stage-II checkpoint; logged to the trial's MLflow run by the driver
@@ -116,7 +116,7 @@ class _Reporter:
         """End the trial on bad input without raising, so Tune does not retry it (``pfe_input_error``)."""
         from ray import tune
 
-        tune.report({"pfe_input_error": str(err), "pfe_elapsed": time.perf_counter() - self.started})
+        tune.report({"pfe_input_error": user_message(err), "pfe_elapsed": time.perf_counter() - self.started})
 
     def final(self, metrics: dict[str, float], cmc: dict[str, list[float]], wall: dict[str, float]) -> None:
         from ray import tune
