@@ -257,8 +257,6 @@ def test_real_market_crops_as_a_dataset(tmp_path: Path) -> None:
 
 def test_seeded_batches_give_the_same_augmentations_with_any_number_of_workers(tmp_path: Path) -> None:
     """data.workers changes how fast, never what: flips and erasings are drawn per (seed, stage, epoch, place)."""
-    from torch.utils.data import DataLoader
-
     from pfe.data.loader import SeededBatches
     from pfe.data.sampler import PKSampler
     from pfe.data.synth import generate_synthreid
