@@ -30,7 +30,7 @@ def test_defaults_are_the_paper_recipe():
 
 
 def test_auto_workers_leave_the_main_process_a_cpu():
-    from pfe.data.loader import MAX_AUTO_WORKERS, resolve_workers
+    from pfe.config import MAX_AUTO_WORKERS, resolve_workers
 
     assert ExperimentConfig().data.workers == "auto"
     assert load_config(None, ["data.workers=3"]).data.workers == 3

@@ -3,7 +3,6 @@ augmentations as a function of the run's seed and the image's place in the epoch
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -16,20 +15,6 @@ from torchvision.transforms.functional import to_tensor
 
 from pfe.data.datasets import Sample
 from pfe.errors import DataError
-
-# data.workers=auto never starts more: past ~8 decoding workers a GPU step is no longer input-bound at
-# 384x192 (about 400 images/s per worker on a 2-core CI machine), and each worker holds its prefetched batches.
-MAX_AUTO_WORKERS = 8
-
-
-def resolve_workers(setting: int | str, cpus: float | None = None) -> int:
-    """DataLoader workers for ``data.workers``: a number as it is; ``auto``: one less than ``cpus`` (the
-    main process needs one; default: the CPUs this process may run on), at most ``MAX_AUTO_WORKERS``."""
-    if setting != "auto":
-        return int(setting)
-    if cpus is None:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(0, min(MAX_AUTO_WORKERS, int(cpus) - 1))
 
 
 def read_image(path: str) -> Image.Image:

@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from pfe.config import RANK_METRICS, ExperimentConfig
+from pfe.config import RANK_METRICS, ExperimentConfig, resolve_workers
 from pfe.data.datasets import ReIDDataset, build_dataset
-from pfe.data.loader import ImageDataset, resolve_workers
+from pfe.data.loader import ImageDataset
 from pfe.data.transforms import build_test_transform
 from pfe.engine import checkpoint as ckpt
 from pfe.engine.evaluation import evaluate_features

@@ -28,10 +28,18 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from pfe import losses
-from pfe.config import STAGE1_PREFIXES, ExperimentConfig, _Recipe, dump_config, load_config, load_config_text
+from pfe.config import (
+    STAGE1_PREFIXES,
+    ExperimentConfig,
+    _Recipe,
+    dump_config,
+    load_config,
+    load_config_text,
+    resolve_workers,
+)
 from pfe.data.datasets import ReIDDataset, build_dataset
 from pfe.data.device_cache import DeviceTrainCache, epoch_generator
-from pfe.data.loader import ImageDataset, SeededBatches, resolve_workers
+from pfe.data.loader import ImageDataset, SeededBatches
 from pfe.data.sampler import PKSampler
 from pfe.data.transforms import build_test_transform, build_train_transform
 from pfe.engine import checkpoint as ckpt

@@ -20,8 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pfe.config import ExperimentConfig, validate_config
-from pfe.data.loader import resolve_workers
+from pfe.config import ExperimentConfig, resolve_workers, validate_config
 from pfe.errors import PFEError, user_message
 
 CHECKPOINT_META = "pfe_checkpoint.json"
