@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "run": ("pfe.study.runner", "cli_run", "run a study file as Ray Tune trials tracked in MLflow"),
     "report": ("pfe.study.report", "cli_report", "build a study's tables and plots from MLflow"),
     "train": ("pfe.engine.trainer", "cli_train", "train one config (stage I then stage II), no Ray"),
-    "eval": ("pfe.engine.inspect", "cli_eval", "evaluate a trained checkpoint on a dataset"),
+    "eval": ("pfe.study.eval_command", "cli_eval", "evaluate a trained checkpoint on a dataset"),
     "profile": ("pfe.model.profile", "cli_profile", "parameters and GMACs, Table V style"),
     "ui": ("pfe.study.ui", "cli_ui", "the MLflow UI on a study's tracking store"),
     "bench": ("pfe.bench", "cli_bench", "throughput, evaluation time, memory and step-cost benchmarks"),

@@ -33,6 +33,6 @@ def test_help_lists_every_command():
 def test_the_study_driver_imports_without_torch():
     """`pfe-study run --simulate` and the driver of a real study never need torch (about 4 s and 1 GB to import):
     trials import it in their own worker processes."""
-    code = "import sys\nimport pfe.study.runner, pfe.study.report\nprint('torch' in sys.modules)\n"
+    code = "import sys\nimport pfe.study.runner, pfe.study.report, pfe.study.eval_command\nprint('torch' in sys.modules)\n"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stderr or proc.stdout

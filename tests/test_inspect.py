@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -14,14 +15,9 @@ from pfe.cli import main
 from pfe.config import load_config
 from pfe.data.datasets import load_dataset
 from pfe.data.synth import generate_synthreid
-from pfe.engine.inspect import (
-    MLFLOW_RUN_FILE,
-    evaluate_checkpoint,
-    export_features,
-    load_features,
-    resolve_checkpoint,
-)
+from pfe.engine.inspect import evaluate_checkpoint, export_features, load_features, resolve_checkpoint
 from pfe.engine.trainer import train
+from pfe.study.eval_command import MLFLOW_RUN_FILE
 
 REAL_MARKET = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "reid-real" / "market1501"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -192,6 +188,37 @@ def test_log_mlflow_to_the_models_run(trained: Path, tmp_path: Path, capsys: pyt
     assert not any(k.startswith("eval/") for k in metrics)  # the training-time keys are left alone
     arts = [a.path for a in client.list_artifacts(run.info.run_id, "eval_on/synthreid")]
     assert "eval_on/synthreid/metrics.json" in arts
+
+
+def test_eval_checks_its_outputs_and_mlflow_run_before_the_work(
+    trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What would stop `eval` at the end stops it at the start: no evaluation is thrown away."""
+    folder = tmp_path / "trial"
+    shutil.copytree(trained, folder)
+    args = ["eval", str(folder), "--dataset", "synthreid"]
+    assert main([*args, "--export", str(tmp_path)]) == 2
+    assert "is a folder; name the .npz file" in capsys.readouterr().err
+    (tmp_path / "taken").write_text("")
+    assert main([*args, "--pictures", str(tmp_path / "taken")]) == 2
+    assert "is a file; name a folder" in capsys.readouterr().err
+    missing_db = tmp_path / "gone" / "mlflow.db"
+    (folder / MLFLOW_RUN_FILE).write_text(json.dumps({"tracking_uri": f"sqlite:///{missing_db}", "run_id": "abc"}))
+    assert main([*args, "--log-mlflow"]) == 2
+    assert f"tracking store {missing_db} does not exist" in capsys.readouterr().err and not missing_db.exists()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # nothing listens there
+    (folder / MLFLOW_RUN_FILE).write_text(json.dumps({"tracking_uri": f"http://127.0.0.1:{port}", "run_id": "abc"}))
+    assert main([*args, "--log-mlflow"]) == 2
+    err = capsys.readouterr()
+    assert "unreachable" in err.err and "rank1" not in err.out  # stopped before evaluating
+    mlflow = pytest.importorskip("mlflow")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.tracking.MlflowClient(tracking_uri=uri).create_experiment("inspect")
+    (folder / MLFLOW_RUN_FILE).write_text(json.dumps({"tracking_uri": uri, "run_id": "0123abc"}))
+    assert main([*args, "--log-mlflow"]) == 2
+    assert "run 0123abc is not in" in capsys.readouterr().err
 
 
 def test_eval_refuses_files_that_are_no_pfe_checkpoint_in_one_line(

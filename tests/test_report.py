@@ -16,7 +16,7 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from pfe.cli import main
-from pfe.engine.inspect import find_mlflow_run
+from pfe.study.eval_command import find_mlflow_run
 
 GPU = "NVIDIA H100 80GB HBM3"
 STUDY_YAML = """\

@@ -3,18 +3,15 @@
 Loads the model of a run folder, a Tune checkpoint folder or a checkpoint file, extracts query and
 gallery features at the model's own input size, prints the rank metrics of each feature set
 (with ``--rerank`` the k-reciprocal re-ranked ones beside them), and optionally exports the
-features, draws the paper's pictures, and logs everything to the model's MLflow run.
-
-MLflow is imported only when logging: ``pfe.engine`` imports without it.
+features and draws the paper's pictures. The command itself, and logging to the model's MLflow run,
+are :mod:`pfe.study.eval_command` (the engine knows nothing of MLflow).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +27,6 @@ from pfe.engine import checkpoint as ckpt
 from pfe.engine.evaluation import evaluate_features
 from pfe.errors import PFEError
 
-MLFLOW_RUN_FILE = "mlflow_run.json"
 EXPORT_FORMAT = "pfe-features/1"
 
 
@@ -57,44 +53,6 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise PFEError(
         f"{path}: no checkpoint in this folder (looked for stage2/final.pt, stage1/final.pt, final.pt and "
         "stage{1,2}/epoch_*.pt); pass a run folder of `pfe-study train`/`run`, a Tune checkpoint folder or a .pt file"
-    )
-
-
-def find_mlflow_run(path: str | Path) -> tuple[dict[str, str] | None, list[Path]]:
-    """({tracking_uri, run_id} or None, the folders searched) for a checkpoint path.
-
-    The study runner writes ``mlflow_run.json`` into each trial's run folder; it is looked for in
-    the given folder (or the file's folder) and up to two folders above (``<run>/stage2/final.pt``).
-    """
-    path = Path(path).resolve()
-    start = path if path.is_dir() else path.parent
-    searched = [start, *list(start.parents)[:2]]
-    for folder in searched:
-        f = folder / MLFLOW_RUN_FILE
-        if f.is_file():
-            try:
-                info = json.loads(f.read_text())
-            except (OSError, json.JSONDecodeError) as err:
-                raise PFEError(f'{f}: unreadable ({err}); expected {{"tracking_uri": ..., "run_id": ...}}') from None
-            if not isinstance(info, dict) or not info.get("run_id") or not info.get("tracking_uri"):
-                raise PFEError(f'{f}: needs both "tracking_uri" and "run_id"')
-            return {"tracking_uri": str(info["tracking_uri"]), "run_id": str(info["run_id"])}, searched
-    return None, searched
-
-
-def mlflow_target(path: str | Path) -> dict[str, str]:
-    """The MLflow run to log to, or a PFEError that says why there is none."""
-    found, searched = find_mlflow_run(path)
-    if found:
-        return found
-    env_run, env_uri = os.environ.get("MLFLOW_RUN_ID"), os.environ.get("MLFLOW_TRACKING_URI")
-    if env_run and env_uri:
-        return {"tracking_uri": env_uri, "run_id": env_run}
-    where = ", ".join(str(p) for p in searched)
-    raise PFEError(
-        f"--log-mlflow: this model has no known MLflow run: no {MLFLOW_RUN_FILE} in {where}. Runs trained by "
-        "`pfe-study run` carry one in their run folder; a model from `pfe-study train` has no MLflow run. "
-        "Pass the run folder of a study trial, set MLFLOW_RUN_ID and MLFLOW_TRACKING_URI, or drop --log-mlflow."
     )
 
 
@@ -312,81 +270,3 @@ def write_report_pictures(report: EvalReport, out_dir: str | Path, **sizes: int)
         label=f"{cfg.model.backbone} {cfg.model.side} {cfg.stage2.loss} on {report.dataset.name}",
         **sizes,
     )
-
-
-def pictures_for_checkpoint(
-    checkpoint: str | Path,
-    out_dir: str | Path,
-    dataset: str | None = None,
-    root: str | None = None,
-    device: str = "auto",
-    workers: int | None = None,
-) -> list[Path]:
-    """Extract features and draw the pictures of a trained model (for the runner or report)."""
-    report = evaluate_checkpoint(checkpoint, dataset, root=root, device=device, workers=workers)
-    return write_report_pictures(report, out_dir)
-
-
-def mlflow_metrics(report: EvalReport) -> dict[str, float]:
-    """The metric keys logged to the model's run: ``eval_on/<dataset>/<set>/<metric>``,
-    ``rerank_on/<dataset>/...``, ``twins_on/<dataset>/...`` (never the training-time ``eval/`` keys)."""
-    name = report.dataset.name
-    out = {}
-    for key, value in report.metrics.items():
-        kind, _, rest = key.partition("/")
-        out[f"{kind}_on/{name}/{rest}"] = float(value)
-    return out
-
-
-def log_to_mlflow(report: EvalReport, target: dict[str, str], pictures: list[Path] | None = None) -> None:
-    """Metrics, the table as JSON, and the pictures, into the model's MLflow run."""
-    import time
-
-    from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=target["tracking_uri"])
-    now = int(time.time() * 1000)
-    items = [Metric(k, v, now, 0) for k, v in mlflow_metrics(report).items() if math.isfinite(v)]
-    for s in range(0, len(items), 1000):
-        client.log_batch(target["run_id"], metrics=items[s : s + 1000])
-    name = report.dataset.name
-    table = {
-        "checkpoint": str(report.checkpoint),
-        "dataset": name,
-        "root": str(report.dataset.root),
-        "metrics": report.metrics,
-        "cmc": report.cmc,
-    }
-    client.log_dict(target["run_id"], table, f"eval_on/{name}/metrics.json")
-    if pictures:
-        from pfe.engine.pictures import log_pictures
-
-        log_pictures(pictures, target["run_id"], target["tracking_uri"], artifact_path=f"pictures/{name}")
-
-
-# ---------------------------------------------------------------- CLI
-def cli_eval(args: argparse.Namespace) -> int:
-    """`pfe-study eval CHECKPOINT --dataset NAME [--root DIR] [--sets ...] [--export F.npz] [--rerank]
-    [--log-mlflow] [--pictures DIR]`."""
-    target = mlflow_target(args.checkpoint) if getattr(args, "log_mlflow", False) else None  # fail before the work
-    report = evaluate_checkpoint(
-        args.checkpoint,
-        args.dataset,
-        root=getattr(args, "root", None),
-        sets=getattr(args, "sets", None),
-        rerank=bool(getattr(args, "rerank", False)),
-    )
-    print(describe(report))
-    print(format_table(report))
-    if getattr(args, "export", None):
-        print(f"features: {export_features(report, args.export)}")
-    pictures: list[Path] = []
-    if getattr(args, "pictures", None):
-        pictures = write_report_pictures(report, args.pictures)
-        for p in pictures:
-            print(f"picture: {p}")
-    if target is not None:
-        log_to_mlflow(report, target, pictures)
-        print(f"logged to MLflow run {target['run_id']} ({target['tracking_uri']})", file=sys.stderr)
-    return 0

@@ -11,7 +11,6 @@
   under the final set (F2_F3_F4_F5); green border = same identity, red = another identity or a
   distractor; gallery images of the query's identity under the query's camera are skipped (the
   evaluation protocol ignores them too).
-- :func:`log_pictures` sends the PNGs to an MLflow run (mlflow imported only there).
 """
 
 from __future__ import annotations
@@ -349,12 +348,3 @@ def write_pictures(
         )
     )
     return written
-
-
-def log_pictures(paths: Sequence[str | Path], run_id: str, tracking_uri: str, artifact_path: str = "pictures") -> None:
-    """Attach the PNGs to an MLflow run (under ``artifact_path``)."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=tracking_uri)
-    for path in paths:
-        client.log_artifact(run_id, str(path), artifact_path=artifact_path)

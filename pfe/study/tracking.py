@@ -22,6 +22,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from pfe.errors import ConfigError, PFEError
+from pfe.study.eval_command import MLFLOW_RUN_FILE
 from pfe.study.trainable import PICTURES_DIR
 from pfe.study.uris import (
     TrackingError,
@@ -40,7 +41,6 @@ STATUS_TO_MLFLOW = {"finished": "FINISHED", "incomplete": "KILLED", "failed": "F
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_PER_BATCH = 100
 MAX_TAGS_PER_BATCH = 100
-MLFLOW_RUN_FILE = "mlflow_run.json"  # = pfe.engine.inspect.MLFLOW_RUN_FILE (not imported: the driver stays torch-free)
 
 
 # ---- pre-flight checks (before Ray starts / before any trial) ----------------------------------

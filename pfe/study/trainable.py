@@ -129,7 +129,7 @@ class _Reporter:
 
 def _write_pictures(payload: dict[str, Any], final: Path, out: Path) -> int:
     """The activation maps and the retrieval grid of a finished stage II into ``out``: what
-    ``pictures_for_checkpoint`` draws, smaller (4 images, 4 queries x top 5; ~2 s of drawing on a CPU) and
+    ``pfe-study eval --pictures`` draws, smaller (4 images, 4 queries x top 5; ~2 s of drawing on a CPU) and
     with only the two sets the grid shows evaluated (one more feature extraction of query and gallery).
     Returns how many PNGs; a failure is a warning, never the trial's end."""
     try:
