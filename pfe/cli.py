@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the trials and stage-I groups; run nothing")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--fresh", action="store_true", help="start over instead of resuming")
-    p.add_argument("--max-concurrent", type=int, help="at most N trials at once")
+    p.add_argument("--max-concurrent", type=_positive_int, help="at most N trials at once")
     p.add_argument(
         "--simulate",
         action="store_true",
@@ -120,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a number of trials, 1 or more")
+    return int(text)
+
+
 def _handler(command: str) -> Callable[[argparse.Namespace], int]:
     module_name, func_name, _ = COMMANDS[command]
     return getattr(importlib.import_module(module_name), func_name)
@@ -139,6 +145,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(_handler(args.command)(args) or 0)
     except PFEError as err:
         print(f"pfe-study {args.command}: {user_message(err)}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a path the command could not read or write: named, without a traceback
+        if err.filename is None:
+            raise
+        print(f"pfe-study {args.command}: {err.filename}: {err.strerror or err}; check the path (an output "
+              "folder must be a writable folder, not a file)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"pfe-study {args.command}: interrupted", file=sys.stderr)

@@ -119,3 +119,19 @@ def test_tracker_batches_dedups_resumes_and_starts_fresh(tmp_path: Path) -> None
         "F5": {"rank1": 1.0},
         "F2_F3": {"mAP": 2.0},
     }
+
+
+def test_paths_and_numbers_a_command_cannot_use_are_named_with_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert main(["data", "synth", "--out", str(blocker / "synthreid")]) == 2  # an output folder under a file
+    assert str(blocker) in capsys.readouterr().err
+    not_a_db = tmp_path / "mlflow.db"
+    not_a_db.write_text("notes, not a database")
+    assert main(["report", "--tracking-uri", f"sqlite:///{not_a_db}", "--out", str(tmp_path / "out")]) == 2
+    assert f"{not_a_db} is not an SQLite database" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        main(["run", str(_study(tmp_path)), "--max-concurrent", "0"])
+    assert stop.value.code == 2 and "1 or more" in capsys.readouterr().err

@@ -188,10 +188,26 @@ def check_ray_address(address: str | None, timeout: float = 10.0) -> None:
         ) from None
 
 
+def check_sqlite_file(uri: str) -> None:
+    """A ``sqlite:///`` store that exists must be an SQLite database (MLflow fails on any other file with a
+    SQLAlchemy traceback); an absent or empty file is a new store."""
+    path = sqlite_path(uri)
+    if path is None or not path.is_file() or path.stat().st_size == 0:
+        return
+    with path.open("rb") as f:
+        if f.read(16) != b"SQLite format 3\x00":
+            raise TrackingError(
+                f"tracking store {path} is not an SQLite database; point the tracking URI at the study's "
+                "mlflow.db (tracking.uri, --tracking-uri or MLFLOW_TRACKING_URI)"
+            )
+
+
 def open_client(uri: str) -> Any:
     """An ``MlflowClient`` for ``uri``; credentials in it go to MLflow through MLFLOW_TRACKING_USERNAME /
     PASSWORD (:func:`split_credentials`), never in the URI it quotes."""
     from mlflow import MlflowClient
+
+    check_sqlite_file(uri)
 
     clean, user, password = split_credentials(uri)
     if user:

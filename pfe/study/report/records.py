@@ -15,7 +15,7 @@ from typing import Any
 import pandas as pd
 
 from pfe.errors import PFEError
-from pfe.study.uris import check_reachable, open_client, sqlite_path
+from pfe.study.uris import check_reachable, check_sqlite_file, open_client, sqlite_path
 
 FINAL_SET = "F2_F3_F4_F5"
 SINGLE_SETS = ("F2", "F3", "F4", "F5")
@@ -125,6 +125,7 @@ def check_store(uri: str) -> None:
     path = sqlite_path(uri)
     if path is not None and not path.is_file():
         raise PFEError(f"no MLflow store at {path} (tracking URI {uri}): run `pfe-study run STUDY` first, or {advice}")
+    check_sqlite_file(uri)
     check_reachable(uri, advice=f"start it, or {advice}")
 
 
