@@ -213,6 +213,9 @@ def test_eval_checks_its_outputs_and_mlflow_run_before_the_work(
     assert main([*args, "--log-mlflow"]) == 2
     err = capsys.readouterr()
     assert "unreachable" in err.err and "rank1" not in err.out  # stopped before evaluating
+    stage1 = str(folder / "stage1" / "final.pt")  # its side branches were never trained: F5 only
+    assert main(["eval", stage1, "--dataset", "synthreid", "--sets", "F2"]) == 2
+    assert "has trained features F5 only" in capsys.readouterr().err
     mlflow = pytest.importorskip("mlflow")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.tracking.MlflowClient(tracking_uri=uri).create_experiment("inspect")
@@ -229,12 +232,17 @@ def test_eval_refuses_files_that_are_no_pfe_checkpoint_in_one_line(
     import torch
 
     foreign, truncated, garbage = tmp_path / "resnet.pt", tmp_path / "cut.pt", tmp_path / "notes.pt"
+    empty, text = tmp_path / "empty.pt", tmp_path / "text.pt"
     torch.save({"conv1.weight": torch.zeros(2)}, foreign)
     truncated.write_bytes(foreign.read_bytes()[:100])
     garbage.write_text("not a checkpoint\n")
+    empty.write_bytes(b"")
+    text.write_text("hello world")  # torch's own reason: "101"
     for path, why in ((foreign, "not a pfe checkpoint (a torch file without format"),
                       (truncated, "not a readable pfe checkpoint (PytorchStreamReader"),
-                      (garbage, "not a readable pfe checkpoint (not a torch file")):
+                      (garbage, "not a readable pfe checkpoint (not a torch file"),
+                      (empty, "not a readable pfe checkpoint (empty, truncated or not a torch file"),
+                      (text, "not a readable pfe checkpoint (empty, truncated or not a torch file")):
         assert main(["eval", str(path), "--dataset", "synthreid"]) == 2
         err = capsys.readouterr().err
         assert f"{path}: {why}" in err and "final.pt that `pfe-study train` wrote" in err, err

@@ -53,7 +53,10 @@ def prune(workdir: Path, stage: int, keep: int = KEEP_LAST) -> None:
         path.unlink(missing_ok=True)
 
 
-def load(path: str | Path, advice: str = "delete it to restart that stage") -> dict[str, Any]:
+RESUME_ADVICE = "delete it: the run resumes from the newest checkpoint left, or restarts that stage"
+
+
+def load(path: str | Path, advice: str = RESUME_ADVICE) -> dict[str, Any]:
     """Load a checkpoint with ``weights_only=True``; a missing, broken or foreign file is a PFEError naming
     it, why, and ``advice``."""
     path = Path(path)
@@ -80,7 +83,10 @@ def _load_failure(err: Exception) -> str:
     if "WeightsUnpickler error:" in text:
         detail = text.split("WeightsUnpickler error:", 1)[1].strip().split("\n", 1)[0]
         return f"not a torch file, or one holding objects a weights-only load refuses: {detail}"
-    return text.split(". ", 1)[0].split("\n", 1)[0]
+    reason = text.split(". ", 1)[0].split("\n", 1)[0]
+    if len(reason) < 12:  # "", "101" (pickle's opcode), "[Errno 22] ...": torch says nothing useful
+        return f"empty, truncated or not a torch file: {type(err).__name__} {reason}".rstrip()
+    return reason
 
 
 def rng_state() -> dict[str, Any]:

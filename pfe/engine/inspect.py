@@ -97,7 +97,7 @@ def _check_sets(sets: list[str], available: list[str], checkpoint: Path) -> None
         missing = [p for p in name.split("_") if p not in available]
         if missing or not name:
             raise PFEError(
-                f"--sets {name}: the model of {checkpoint} has features {', '.join(available)} only "
+                f"--sets {name}: the model of {checkpoint} has trained features {', '.join(available)} only "
                 f"(no {', '.join(missing) or name}); sets are layer names joined by '_', e.g. F5 or F2_F3_F4_F5"
             )
 
@@ -128,6 +128,8 @@ def evaluate_checkpoint(
     if not data.query or not data.gallery:
         raise PFEError(f"{cfg.data.dataset} at {data.root}: empty query or gallery split, nothing to evaluate")
     available = sorted(getattr(model, "feature_dims", {"F5": 0}))
+    if getattr(model, "stage", 2) == 1:  # a stage-I checkpoint: its side branches were never trained
+        available = ["F5"]
     sets = list(sets) if sets else [s for s in cfg.eval_sets if all(p in available for p in s.split("_"))]
     _check_sets(sets, available, path)
 
