@@ -356,17 +356,24 @@ def _parse_overrides(overrides: dict[str, Any] | list[str], source: str) -> dict
     return parsed
 
 
-def describe_validation_error(err: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid config"]
+def describe_validation_error(
+    err: ValidationError,
+    source: str,
+    what: str = "config",
+    unknown: str = "unknown key (misspelled? the keys are the fields of pfe/config.py)",
+) -> str:
+    """Pydantic's errors as ``<source>: invalid <what>`` and one line per dotted key (a check across
+    sections, with no key of its own, names its keys in its message)."""
+    lines = [f"{source}: invalid {what}"]
     for problem in err.errors():
         key = ".".join(str(p) for p in problem["loc"])
         if problem["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key (misspelled? the keys are the fields of pfe/config.py)")
-        else:
-            got = problem.get("input")
-            shown = "" if isinstance(got, dict) else f" (got {got!r})"
-            message = problem["msg"].removeprefix("Value error, ")  # a check across sections names its keys
-            lines.append(f"  {key}: {message}{shown}" if key else f"  {message}")
+            lines.append(f"  {key}: {unknown}")
+            continue
+        got = problem.get("input")
+        shown = "" if isinstance(got, dict) or len(repr(got)) > 80 else f" (got {got!r})"
+        message = problem["msg"].removeprefix("Value error, ")
+        lines.append(f"  {key}: {message}{shown}" if key else f"  {message}")
     return "\n".join(lines)
 
 

@@ -42,7 +42,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pfe.config import ExperimentConfig, flatten, load_config, read_yaml
+from pfe.config import ExperimentConfig, describe_validation_error, flatten, load_config, read_yaml
 from pfe.errors import ConfigError
 from pfe.study.uris import absolute_sqlite_uri, mask_uri
 
@@ -446,7 +446,9 @@ def load_study(path: str | Path) -> StudySpec:
     try:
         spec = StudySpec.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_describe(err, source)) from None
+        raise ConfigError(describe_validation_error(
+            err, source, "study file", "unknown study field (see pfe/study/spec.py for the schema)"
+        )) from None
     spec.source = source
     spec.base_config = _load_base(spec, path)
     _resolve_paths(spec)
@@ -455,19 +457,6 @@ def load_study(path: str | Path) -> StudySpec:
     if spec.search:
         _check_search(spec, trials)
     return spec
-
-
-def _describe(err: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid study file"]
-    for problem in err.errors():
-        key = ".".join(str(p) for p in problem["loc"]) or "(top level)"
-        if problem["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown study field (see pfe/study/spec.py for the schema)")
-        else:
-            got = problem.get("input")
-            shown = "" if isinstance(got, dict | list) else f" (got {got!r})"
-            lines.append(f"  {key}: {problem['msg']}{shown}")
-    return "\n".join(lines)
 
 
 def _load_base(spec: StudySpec, path: Path) -> ExperimentConfig:
