@@ -44,7 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pfe.config import ExperimentConfig, describe_validation_error, flatten, load_config, read_yaml
 from pfe.errors import ConfigError
-from pfe.study.uris import absolute_sqlite_uri, mask_uri
+from pfe.study.uris import absolute_sqlite_uri, default_tracking_uri, mask_uri
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
 
@@ -288,7 +288,7 @@ class StudySpec(_Strict):
     @property
     def tracking_uri(self) -> str:
         """The study's URI, else $MLFLOW_TRACKING_URI, else ``sqlite:///<cwd>/mlflow.db`` (absolute)."""
-        return self.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+        return self.tracking.uri or default_tracking_uri()
 
     @property
     def storage_path(self) -> str:
@@ -368,10 +368,6 @@ def stage1_config(cfg: ExperimentConfig) -> ExperimentConfig:
     out = cfg.with_overrides({"model.side": "none", "stage2.epochs": 0}, source="<stage1>")
     assert out.stage1_key() == cfg.stage1_key()
     return out
-
-
-def default_tracking_uri() -> str:
-    return f"sqlite:///{Path('mlflow.db').resolve()}"
 
 
 def _show(value: Any) -> str:

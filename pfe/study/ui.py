@@ -18,8 +18,8 @@ from types import FrameType
 
 from pfe.errors import PFEError
 from pfe.study.mlflow_server import is_loopback, start_mlflow_server
-from pfe.study.report.records import check_store, default_tracking_uri
-from pfe.study.uris import mask_uri, sqlite_path
+from pfe.study.report.records import check_store
+from pfe.study.uris import default_tracking_uri, mask_uri, sqlite_path
 
 NO_AUTH_WARNING = (
     "warning: binding the MLflow UI to {host}: MLflow has no authentication by default, so anyone who can "

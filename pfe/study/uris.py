@@ -170,6 +170,12 @@ def check_reachable(uri: str, timeout: float = 10.0, advice: str = RUN_ADVICE) -
         ) from None
 
 
+def default_tracking_uri() -> str:
+    """$MLFLOW_TRACKING_URI, else ``sqlite:///<cwd>/mlflow.db`` (absolute): where a study without a
+    ``tracking.uri`` records, and where `report` and `ui` look without --tracking-uri."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
+
+
 def check_ray_address(address: str | None, timeout: float = 10.0) -> None:
     """A ``host:port`` (or ``ray://host:port``) Ray address must accept a connection before the study opens
     anything: ray.init retries a dead head's GCS for minutes. ``auto``, ``local`` and none pass (ray.init

@@ -37,7 +37,6 @@ from pfe.study.report.plots import plot_curves, plot_layers, plot_line
 from pfe.study.report.records import (
     StudyRecords,
     axis_value,
-    default_tracking_uri,
     records_for_study_file,
     records_in_store,
     slug,
@@ -53,7 +52,7 @@ from pfe.study.report.tables import (
     to_latex,
     trial_frame,
 )
-from pfe.study.uris import TrackingError, mask_text, mask_uri
+from pfe.study.uris import TrackingError, default_tracking_uri, mask_text, mask_uri
 
 FORMATS = ("md", "csv", "tex")
 __all__ = ["cli_report", "write_index", "write_study"]

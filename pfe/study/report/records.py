@@ -4,7 +4,6 @@ records them (tags ``pfe.role``, ``pfe.study``, ``pfe.variant``, ``pfe.status``,
 from __future__ import annotations
 
 import math
-import os
 import re
 import sys
 from collections.abc import Iterable
@@ -15,7 +14,7 @@ from typing import Any
 import pandas as pd
 
 from pfe.errors import PFEError
-from pfe.study.uris import check_reachable, check_sqlite_file, open_client, sqlite_path
+from pfe.study.uris import check_reachable, check_sqlite_file, default_tracking_uri, open_client, sqlite_path
 
 FINAL_SET = "F2_F3_F4_F5"
 SINGLE_SETS = ("F2", "F3", "F4", "F5")
@@ -109,13 +108,6 @@ def as_int(value: Any, default: int | None = None) -> int | None:
         return int(float(value))
     except (TypeError, ValueError):
         return default
-
-
-def default_tracking_uri() -> str:
-    """$MLFLOW_TRACKING_URI, else the study files' default store (``sqlite:///<cwd>/mlflow.db``)."""
-    from pfe.study.spec import default_tracking_uri as study_default
-
-    return os.environ.get("MLFLOW_TRACKING_URI") or study_default()
 
 
 def check_store(uri: str) -> None:
