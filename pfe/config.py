@@ -28,6 +28,13 @@ LAYERS = ("F2", "F3", "F4", "F5")
 DEFAULT_EVAL_SETS = ("F2", "F3", "F4", "F5", "F4_F5", "F3_F4_F5", "F2_F3_F4_F5")
 FINAL_SET = "F2_F3_F4_F5"
 RANK_METRICS = ("rank1", "rank5", "rank10", "mAP", "mINP")
+HEADLINE_METRICS = ("rank1", "mAP", "mINP")  # a run's own rank1 / mAP / mINP: those of its final feature set
+
+
+def with_headline(metrics: dict[str, float], final_set: str) -> dict[str, float]:
+    """``metrics`` plus rank1, mAP and mINP copied from ``eval/<final_set>/...`` where that set was evaluated."""
+    found = {m: metrics[f"eval/{final_set}/{m}"] for m in HEADLINE_METRICS if f"eval/{final_set}/{m}" in metrics}
+    return {**metrics, **found}
 
 
 # data.workers=auto never starts more: past ~8 decoding workers a GPU step is no longer input-bound at

@@ -36,6 +36,7 @@ from pfe.config import (
     load_config,
     load_config_text,
     resolve_workers,
+    with_headline,
 )
 from pfe.data.datasets import ReIDDataset, build_dataset
 from pfe.data.device_cache import DeviceTrainCache, epoch_generator
@@ -371,11 +372,7 @@ class _Run:
             *feats, sets=sets, max_rank=self.cfg.eval.max_rank, twins=self.data.twins, rerank=self.cfg.eval.rerank
         )
         self.cmc = {k: [float(x) for x in v] for k, v in cmc.items()}
-        final = sets[-1] if stage == 1 else self.cfg.final_set
-        if final in sets:
-            for name in ("rank1", "mAP", "mINP"):
-                metrics[name] = metrics[f"eval/{final}/{name}"]
-        return metrics
+        return with_headline(metrics, "F5" if stage == 1 else self.cfg.final_set)
 
     # -- one stage
     def run_stage(self, stage: int, start_state: dict[str, Any] | None) -> dict[str, float]:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pfe.config import STAGE1_PREFIXES, ExperimentConfig, dump_config, validate_config
+from pfe.config import STAGE1_PREFIXES, ExperimentConfig, dump_config, validate_config, with_headline
 from pfe.errors import ConfigError, DataError
 from pfe.study.spec import StudySpec, Trial, format_plan, load_study, stage1_config
 from pfe.study.tracking import (
@@ -485,14 +485,9 @@ class Plan:
                 continue
             rec = self._open_trial(trial.cfg, trial, s1)
             run = self.tracker.client.get_run(s1.run_id)
-            final = {
-                k: v
-                for k, v in run.data.metrics.items()
-                if k.startswith(("eval/", "twins/")) or k in ("rank1", "mAP", "mINP")
-            }
-            for name in ("rank1", "mAP", "mINP"):
-                if name not in final and f"eval/F5/{name}" in final:
-                    final[name] = final[f"eval/F5/{name}"]
+            final = with_headline(
+                {k: v for k, v in run.data.metrics.items() if k.startswith(("eval/", "twins/"))}, "F5"
+            )
             self.tracker.log_step(rec, final, trial.cfg.stage1.epochs)
             self.tracker.log_text(rec, json.dumps(per_layer(final), indent=1), "per_layer.json")
             self.tracker.end_run(

@@ -1,6 +1,6 @@
 """MLflow tracking of a study: one writer (the driver), batched, resumable.
 
-Layout (see contracts): one experiment per study, one parent run (``pfe.role=study``), one child run
+Layout: one experiment per study, one parent run (``pfe.role=study``), one child run
 per stage-I run (``pfe.role=stage1``) and per trial (``pfe.role=trial``). Only the driver talks to
 MLflow: Tune workers report to the driver, and :class:`TrackingCallback` (a ``tune.Callback``) turns
 each reported epoch into ONE ``log_batch`` call (metrics + tags), so many concurrent trials never

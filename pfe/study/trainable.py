@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pfe.config import ExperimentConfig, resolve_workers, validate_config
+from pfe.config import FINAL_SET, ExperimentConfig, resolve_workers, validate_config, with_headline
 from pfe.errors import PFEError, user_message
 
 CHECKPOINT_META = "pfe_checkpoint.json"
@@ -290,9 +290,7 @@ def _simulated(payload: dict[str, Any]) -> None:
                     for i, s in enumerate(sets):
                         for j, m in enumerate(("rank1", "rank5", "rank10", "mAP", "mINP")):
                             metrics[f"eval/{s}/{m}"] = 50.0 + i + j + cfg["model"]["alpha"] * 10
-                    final_set = sets[-1] if stage == 1 else "F2_F3_F4_F5"
-                    for m in ("rank1", "mAP", "mINP"):
-                        metrics[m] = metrics.get(f"eval/{final_set}/{m}", 50.0)
+                    metrics = with_headline(metrics, "F5" if stage == 1 else FINAL_SET)
                 path = workdir / f"stage{stage}" / ("final.pt" if epoch == epochs else f"epoch_{epoch:04d}.pt")
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_bytes(b"simulated checkpoint")

@@ -10,9 +10,9 @@ from typing import Any
 
 import pandas as pd
 
+from pfe.config import FINAL_SET
 from pfe.study.report.records import (
     CONCAT_SETS,
-    FINAL_SET,
     SINGLE_SETS,
     StudyRecords,
     as_int,

@@ -13,12 +13,12 @@ from typing import Any
 
 import pandas as pd
 
+from pfe.config import FINAL_SET
 from pfe.errors import PFEError
 from pfe.study.uris import check_reachable, check_sqlite_file, default_tracking_uri, open_client, sqlite_path
 
-FINAL_SET = "F2_F3_F4_F5"
-SINGLE_SETS = ("F2", "F3", "F4", "F5")
-CONCAT_SETS = ("F5", "F4_F5", "F3_F4_F5", "F2_F3_F4_F5")
+SINGLE_SETS = ("F2", "F3", "F4", "F5")  # Fig. 8 (a)
+CONCAT_SETS = ("F5", "F4_F5", "F3_F4_F5", FINAL_SET)  # Fig. 8 (b)
 STATUSES = ("finished", "failed", "incomplete", "running")
 MLFLOW_STATUS = {
     "FINISHED": "finished",
