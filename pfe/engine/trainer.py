@@ -616,10 +616,12 @@ def _same_run(stored: ExperimentConfig, cfg: ExperimentConfig, stages: tuple[int
         keys = _differing(stored, cfg)
     if differ:
         shown = ", ".join(keys[:6]) + (" ..." if len(keys) > 6 else "") or "a default changed since"
-        raise PFEError(
-            f"{where}: this {what} was trained under another config ({shown}); it cannot continue this one. "
-            "Give another --out (the default folder is named by the config's hash), or --fresh to start over there"
+        advice = (
+            "pass the stage I of a run with this config's stage-I settings, or drop --stage1-from"
+            if what == "stage I"
+            else "give another --out (the default folder is named by the config's hash), or --fresh to start over there"
         )
+        raise PFEError(f"{where}: this {what} was trained under another config ({shown}); {advice}")
 
 
 def _differing(stored: ExperimentConfig, cfg: ExperimentConfig) -> list[str]:
