@@ -124,6 +124,20 @@ def test_a_corrupt_mat_and_a_missing_release_name_the_path(tmp_path: Path) -> No
         prepare_cuhk03(tmp_path / "nowhere", tmp_path / "data")
 
 
+def test_a_truncated_protocol_file_and_a_foreign_hdf5_file_name_the_path(tmp_path: Path) -> None:
+    release = tmp_path / "cuhk03"
+    write_release(release)
+    protocol = release / "cuhk03_new_protocol_config_detected.mat"
+    protocol.write_bytes(b"")  # scipy's MatReadError: the file appears to be truncated
+    with pytest.raises(DataError, match=r"cuhk03_new_protocol_config_detected.mat: not a CUHK03 new-protocol file"):
+        prepare_cuhk03(release, tmp_path / "data", ("detected",))
+    with h5py.File(release / "cuhk03_release" / "cuhk-03.mat", "w") as mat:  # HDF5, but plain numbers
+        mat.create_dataset("labeled", data=np.zeros((1, 2)))
+    with pytest.raises(DataError, match=r"cuhk-03.mat: not CUHK03's cuhk-03.mat .*'labeled'"):
+        prepare_cuhk03(release, tmp_path / "data", ("labeled",))
+    assert not list((tmp_path / "data" / "cuhk03-np").glob(".*"))  # no partial folder left
+
+
 def test_the_loader_points_at_the_release_and_the_cli_converts_it(tmp_path: Path,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     root = tmp_path / "data"

@@ -60,13 +60,13 @@ def _import(module: str) -> Any:
 
 def read_protocol(path: Path) -> dict[str, dict[str, tuple[int, int]]]:
     """The new protocol's splits: folder -> {file name in ``filelist``: (label, view)}."""
-    loadmat = _import("scipy.io").loadmat
+    scipy_io = _import("scipy.io")
     try:
-        config = loadmat(str(path))
+        config = scipy_io.loadmat(str(path))
         names = [str(np.asarray(entry).reshape(-1)[0]) for entry in config["filelist"].reshape(-1)]
         labels = config["labels"].reshape(-1).astype(int)
         splits = {folder: config[key].reshape(-1).astype(int) - 1 for key, folder in FOLDERS.items()}
-    except (KeyError, IndexError, ValueError, OSError) as err:
+    except (KeyError, IndexError, ValueError, OSError, scipy_io.matlab.MatReadError) as err:
         raise DataError(f"{path}: not a CUHK03 new-protocol file ({type(err).__name__}: {err}); it holds "
                         "filelist, labels, train_idx, query_idx and gallery_idx") from None
     out: dict[str, dict[str, tuple[int, int]]] = {}
@@ -148,6 +148,10 @@ def prepare_cuhk03(
         except OSError as err:
             shutil.rmtree(partial, ignore_errors=True)
             raise DataError(f"{mat_path}: cannot read it as MATLAB v7.3 (HDF5): {err}") from None
+        except (KeyError, IndexError, TypeError, ValueError) as err:  # HDF5, but not cuhk-03.mat's cells
+            shutil.rmtree(partial, ignore_errors=True)
+            raise DataError(f"{mat_path}: not CUHK03's cuhk-03.mat ({type(err).__name__}: {err}); it holds "
+                            f"'{split}' as camera pairs of identities x 10 image references") from None
         if where:
             shutil.rmtree(partial, ignore_errors=True)
             shown = ", ".join(sorted(where)[:3])
