@@ -107,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--images-per-id", type=int, default=None, help="images per identity")
     s.add_argument("--cameras", type=int, default=None, help="number of cameras")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--force", action="store_true",
+                   help="replace a SynthReID of other seed or sizes already in --out (the same one is written again)")
     s = data_sub.add_parser("prepare", help="write a dataset's folders from its original release "
                             "(cuhk03: cuhk-03.mat and the new protocol's files -> cuhk03-np/)")
     s.add_argument("dataset", choices=["cuhk03"], help="the dataset")

@@ -269,3 +269,21 @@ def test_unreachable_tracking_server_is_named_masked() -> None:
         check_reachable(uri, timeout=3)
     assert f"http://bob:***@127.0.0.1:{port}" in str(err.value) and "s3cret" not in str(err.value)
     assert "unreachable" in str(err.value)
+
+
+def test_a_synthreid_of_other_sizes_than_the_studys_is_refused_before_ray(tmp_path: Path) -> None:
+    from pfe.data.synth import generate_synthreid
+    from pfe.errors import DataError
+    from pfe.study.runner import prepare_data
+
+    generate_synthreid(tmp_path / "synthreid", ids_train=4, ids_test=4, images_per_id=4, cameras=2)
+    study = """\
+name: sizes
+base: {overrides: {data: {dataset: synthreid, root: synthreid}}}
+synthetic: {ids_train: 4, ids_test: 4, images_per_id: 4, cameras: CAMERAS}
+"""
+    same = load_study(_write(tmp_path, study.replace("CAMERAS", "2")))
+    prepare_data(same, same.expand())  # the set there is the one asked for
+    other = load_study(_write(tmp_path, study.replace("CAMERAS", "3")))
+    with pytest.raises(DataError, match=r"study.yaml: synthetic: asks for another set .*cameras 2 there, 3 asked"):
+        prepare_data(other, other.expand())

@@ -158,9 +158,28 @@ def test_seeds_differ_and_regenerating_replaces(tmp_path: Path) -> None:
     assert m0["ids"] != m1["ids"]
     d0, d1 = tree_digest(tmp_path / "s0"), tree_digest(tmp_path / "s1")
     assert not set(d0.values()) & set(d1.values())
-    # writing seed 0 over the seed-1 folder leaves exactly the seed-0 tree (no stale files)
-    generate_synthreid(tmp_path / "s1", seed=0, **SMALL)
+    # the same seed and sizes again: written again, the same bytes
+    generate_synthreid(tmp_path / "s0", seed=0, **SMALL)
+    assert tree_digest(tmp_path / "s0") == d0
+    # another seed over it is refused (runs trained on it would change their data) unless replace=True,
+    # which leaves exactly the seed-0 tree (no stale files)
+    with pytest.raises(DataError, match=r"s1 holds a SynthReID of other parameters \(seed 1 there, 0 asked\).*--force"):
+        generate_synthreid(tmp_path / "s1", seed=0, **SMALL)
+    assert tree_digest(tmp_path / "s1") == d1
+    generate_synthreid(tmp_path / "s1", seed=0, **SMALL, replace=True)
     assert tree_digest(tmp_path / "s1") == d0
+
+
+def test_cli_refuses_other_sizes_over_a_set_unless_forced(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from pfe.cli import main
+
+    out = str(tmp_path / "s")
+    sizes = ["--ids-train", "4", "--ids-test", "4", "--images-per-id", "4", "--cameras", "2"]
+    assert main(["data", "synth", "--out", out, *sizes]) == 0
+    assert main(["data", "synth", "--out", out, *sizes[:-1], "3"]) == 2
+    assert "cameras 2 there, 3 asked" in capsys.readouterr().err
+    assert main(["data", "synth", "--out", out, *sizes[:-1], "3", "--force"]) == 0
+    assert json.loads((tmp_path / "s" / "manifest.json").read_text())["params"]["cameras"] == 3
 
 
 def test_bad_sizes_and_foreign_folders_are_refused(tmp_path: Path) -> None:

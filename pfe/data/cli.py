@@ -34,6 +34,7 @@ def _synth(args: argparse.Namespace) -> int:
         cameras=args.cameras,
         seed=args.seed,
         progress=progress if total >= PROGRESS_FROM else None,
+        replace=args.force,
     )
     seconds = time.perf_counter() - t0
     params, counts = manifest["params"], manifest["counts"]

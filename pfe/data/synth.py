@@ -498,25 +498,45 @@ def _check_sizes(ids_train: int, ids_test: int, images_per_id: int, cameras: int
         raise DataError(f"synthreid: distractors must be >= 0 (got {distractors})")
 
 
-def _prepare_out(out: Path) -> None:
-    """Create ``out``; refuse a non-empty folder unless it holds an earlier SynthReID (then replace its images)."""
-    manifest = out / "manifest.json"
+def read_manifest(out: Path) -> dict[str, Any] | None:
+    """The manifest of a SynthReID written to ``out`` earlier, or None (no folder, no manifest, not ours)."""
+    try:
+        manifest = json.loads((out / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and manifest.get("generator") == GENERATOR else None
+
+
+def manifest_differences(manifest: dict[str, Any], seed: int = 0, **sizes: int | None) -> list[str]:
+    """How ``manifest`` differs from a generation with ``seed`` and ``sizes`` (None: DEFAULTS), as
+    "ids_train 751 there, 100 asked"; [] when it is the same set."""
+    params = manifest.get("params") or {}
+    there = {"seed": manifest.get("seed"), **{key: params.get(key) for key in DEFAULTS}}
+    asked = {"seed": seed, **{key: DEFAULTS[key] if sizes.get(key) is None else int(sizes[key]) for key in DEFAULTS}}
+    return [f"{key} {there[key]} there, {asked[key]} asked" for key in asked if there[key] != asked[key]]
+
+
+def _prepare_out(out: Path, seed: int, sizes: dict[str, int], replace: bool) -> None:
+    """Create ``out``; refuse a non-empty folder unless it holds an earlier SynthReID of the same seed
+    and sizes (or ``replace``): then delete its images, to be written again."""
     if out.exists() and not out.is_dir():
         raise DataError(f"synthreid: {out} exists and is not a folder; choose another --out")
     if out.is_dir() and any(out.iterdir()):
-        try:
-            previous = json.loads(manifest.read_text())
-            ours = isinstance(previous, dict) and previous.get("generator") == GENERATOR
-        except (OSError, ValueError):
-            ours = False
-        if not ours:
+        previous = read_manifest(out)
+        if previous is None:
             raise DataError(
                 f"synthreid: {out} is not empty and holds no SynthReID manifest; choose an empty or new --out"
+            )
+        changed = manifest_differences(previous, seed, **sizes)
+        if changed and not replace:  # runs trained on the set there would silently change their data
+            raise DataError(
+                f"synthreid: {out} holds a SynthReID of other parameters ({'; '.join(changed)}); runs trained "
+                "on it would no longer match their data: choose another --out, or --force to replace it"
             )
         for name in SPLIT_DIRS:
             for f in sorted((out / name).glob("*.jpg")):
                 f.unlink()
-        manifest.unlink()
+        (out / "manifest.json").unlink()
     for name in SPLIT_DIRS:
         (out / name).mkdir(parents=True, exist_ok=True)
 
@@ -542,6 +562,7 @@ def generate_synthreid(
     queries_per_id: int = QUERIES_PER_ID,
     distractors: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    replace: bool = False,
 ) -> dict[str, Any]:
     """Write a SynthReID dataset to ``out`` (Market-1501 layout) and return its manifest.
 
@@ -550,6 +571,8 @@ def generate_synthreid(
     ``images_per_id`` images over >= 2 cameras; every test id has up to ``queries_per_id`` query
     images, each in a different camera, and its other images in the gallery, at least one of them
     in a camera no query of that id uses. ``progress(done, total)`` is called after each image.
+    An earlier SynthReID at ``out`` is written again if it has the same seed and sizes (the result is
+    the same bytes) and refused otherwise, unless ``replace``.
     """
     ids_train = DEFAULTS["ids_train"] if ids_train is None else int(ids_train)
     ids_test = DEFAULTS["ids_test"] if ids_test is None else int(ids_test)
@@ -562,7 +585,8 @@ def generate_synthreid(
             f"synthreid: twin_share must be in [0, 1] and queries_per_id >= 1 (got {twin_share}, {queries_per_id})"
         )
     out = Path(out)
-    _prepare_out(out)
+    sizes = {"ids_train": ids_train, "ids_test": ids_test, "images_per_id": images_per_id, "cameras": cameras}
+    _prepare_out(out, seed, sizes, replace)
 
     cams = {c: _camera(seed, c) for c in range(1, cameras + 1)}
     id_rng = np.random.default_rng([seed, 0])

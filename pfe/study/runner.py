@@ -195,7 +195,9 @@ def prepare_data(spec: StudySpec, trials: list[Trial]) -> None:
         if ident in seen:
             continue
         seen.add(ident)
-        if data.dataset == "synthreid" and data.root and not (Path(data.root) / "manifest.json").is_file():
+        if data.dataset == "synthreid" and data.root and (Path(data.root) / "manifest.json").is_file():
+            _check_synthetic(spec, Path(data.root))
+        elif data.dataset == "synthreid" and data.root:
             from pfe.data.synth import generate_synthreid
 
             sizes = spec.synthetic.model_dump() if spec.synthetic else {}
@@ -224,6 +226,19 @@ def prepare_data(spec: StudySpec, trials: list[Trial]) -> None:
                 f"{spec.source}: data.dataset={data.dataset} at {data.root or '$PFE_DATA'}: an empty split "
                 f"({dataset.stats()}); check the folder"
             )
+
+
+def _check_synthetic(spec: StudySpec, root: Path) -> None:
+    """The synthreid already at ``root`` is the one the study's ``synthetic:`` asks for (if it asks)."""
+    from pfe.data.synth import manifest_differences, read_manifest
+
+    manifest = read_manifest(root)
+    changed = manifest_differences(manifest, **spec.synthetic.model_dump()) if spec.synthetic and manifest else []
+    if changed:
+        raise DataError(
+            f"{spec.source}: synthetic: asks for another set than the synthreid at data.root {root} "
+            f"({'; '.join(changed)}); point data.root elsewhere, or remove the folder to have it generated"
+        )
 
 
 def _init_ray(address: str | None, num_cpus: int | None) -> bool:
