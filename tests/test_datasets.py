@@ -299,8 +299,10 @@ def test_corrupt_image_stops_with_its_path_or_is_skipped(tmp_path: Path) -> None
     bad.write_bytes(bad.read_bytes()[:40])  # truncated JPEG
     strict = ImageDataset(ds.train, build_test_transform(16, 8))
     assert strict[0][0].shape == (3, 16, 8)
-    with pytest.raises(DataError, match=bad.name):
+    with pytest.raises(DataError, match=rf"{bad.name}: cannot read image .*set data.skip_corrupt: true"):
         strict[1]
+    with pytest.raises(DataError, match=r"Replace or delete the file$"):  # eval's: it has no data.skip_corrupt
+        ImageDataset(ds.train, build_test_transform(16, 8), hint="")[1]
     lenient = ImageDataset(ds.train, build_test_transform(16, 8), skip_corrupt=True)
     with pytest.warns(UserWarning, match=bad.name):
         _, pid, camid, index = lenient[1]

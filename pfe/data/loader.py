@@ -23,9 +23,7 @@ def read_image(path: str) -> Image.Image:
         with Image.open(path) as img:
             return img.convert("RGB")  # convert() forces the full decode inside the try
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
-        raise DataError(
-            f"{path}: cannot read image ({err}). Replace or delete the file, or set data.skip_corrupt: true to skip it"
-        ) from None
+        raise DataError(f"{path}: cannot read image ({err}). Replace or delete the file") from None
 
 
 class SeededBatches(Sampler[list[tuple[int, int]]]):
@@ -63,14 +61,16 @@ class ImageDataset(Dataset):
     generator state seeded with it, and the process's own RNG is left as it was.
     With ``skip_corrupt`` an unreadable image is reported once (a warning naming it) and replaced by
     the next readable sample, returned with that sample's own pid, camid and index, so batches keep
-    their size and labels stay consistent; without it the DataError stops the run.
+    their size and labels stay consistent; without it the DataError stops the run, its message ending
+    with ``hint`` (the default names the config key; `pfe-study eval`, which has no such key, passes "").
     """
 
     def __init__(self, samples: Sequence[Sample], transform: Callable[[Image.Image], Any] | None = None,
-                 skip_corrupt: bool = False) -> None:
+                 skip_corrupt: bool = False, hint: str = ", or set data.skip_corrupt: true to skip it") -> None:
         self.samples = list(samples)
         self.transform = transform
         self.skip_corrupt = skip_corrupt
+        self.hint = hint
         self._bad: set[int] = set()
 
     def __len__(self) -> int:
@@ -87,7 +87,7 @@ class ImageDataset(Dataset):
                 img = read_image(sample.path)
             except DataError as err:
                 if not self.skip_corrupt:
-                    raise
+                    raise DataError(f"{err}{self.hint}") from None
                 self._bad.add(i)
                 warnings.warn(f"skipped (data.skip_corrupt): {err}", stacklevel=2)
                 continue

@@ -135,7 +135,7 @@ def evaluate_checkpoint(
 
     transform = build_test_transform(cfg.data.height, cfg.data.width)
     q, g, q_pids, g_pids, q_cams, g_cams = extract_split_features(
-        model, ImageDataset(data.query, transform), ImageDataset(data.gallery, transform), dev,
+        model, ImageDataset(data.query, transform, hint=""), ImageDataset(data.gallery, transform, hint=""), dev,
         autocast_dtype(cfg.runtime.precision, dev), flip=cfg.eval.flip,
         batch_size=batch_size or cfg.eval.batch_size, workers=resolve_workers(cfg.data.workers if workers is None else workers),
     )
