@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 CORE = ["pfe", "pfe.config", "pfe.model", "pfe.losses", "pfe.data.datasets", "pfe.data.synth",
-        "pfe.engine.trainer", "pfe.engine.evaluation", "pfe.engine.rerank", "pfe.engine.inspect", "pfe.bench",
+        "pfe.engine.trainer", "pfe.engine.evaluation", "pfe.engine.rerank", "pfe.engine.eval_checkpoint", "pfe.bench",
         "pfe.bench.train", "pfe.bench.train_report", "pfe.bench.cost", "pfe.bench.evaluation"]
 
 

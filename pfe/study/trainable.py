@@ -133,7 +133,7 @@ def _write_pictures(payload: dict[str, Any], final: Path, out: Path) -> int:
     with only the two sets the grid shows evaluated (one more feature extraction of query and gallery).
     Returns how many PNGs; a failure is a warning, never the trial's end."""
     try:
-        from pfe.engine.inspect import evaluate_checkpoint, write_report_pictures
+        from pfe.engine.eval_checkpoint import evaluate_checkpoint, write_report_pictures
 
         started = time.perf_counter()
         cfg = _trial_workers(validate_config(payload["cfg"]))

@@ -15,7 +15,7 @@ from pfe.cli import main
 from pfe.config import load_config
 from pfe.data.datasets import load_dataset
 from pfe.data.synth import generate_synthreid
-from pfe.engine.inspect import evaluate_checkpoint, export_features, load_features, resolve_checkpoint
+from pfe.engine.eval_checkpoint import evaluate_checkpoint, export_features, load_features, resolve_checkpoint
 from pfe.engine.trainer import train
 from pfe.study.eval_command import MLFLOW_RUN_FILE
 
