@@ -277,10 +277,10 @@ def test_a_synthreid_of_other_sizes_than_the_studys_is_refused_before_ray(tmp_pa
     from pfe.study.runner import prepare_data
 
     generate_synthreid(tmp_path / "synthreid", ids_train=4, ids_test=4, images_per_id=4, cameras=2)
-    study = """\
+    study = f"""\
 name: sizes
-base: {overrides: {data: {dataset: synthreid, root: synthreid}}}
-synthetic: {ids_train: 4, ids_test: 4, images_per_id: 4, cameras: CAMERAS}
+base: {{overrides: {{data: {{dataset: synthreid, root: {tmp_path / "synthreid"}}}}}}}
+synthetic: {{ids_train: 4, ids_test: 4, images_per_id: 4, cameras: CAMERAS}}
 """
     same = load_study(_write(tmp_path, study.replace("CAMERAS", "2")))
     prepare_data(same, same.expand())  # the set there is the one asked for
