@@ -504,3 +504,89 @@ def test_paper_reference_rows_match_the_study_files() -> None:
         for row in (entry.get("rows") or {}).values():
             assert row.get("source"), f"{table}: every number needs its source"
     assert checked >= 15
+
+
+BLOCKED_YAML = """\
+name: blocked
+variants:
+  ResNet50+TSAM+MFA: {model.side: mfa}
+  ResNet50+TSAM+FA: {model.side: fa}
+repeats: 2
+tracking: {uri: "URI"}
+report: {title: "Blocked by a stage I", rows: variant, values: [rank1]}
+"""
+
+
+def test_report_names_the_failed_stage_i_of_trials_not_started(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seed 1's stage I failed, so the runner never started its stage-II trials: the report says so."""
+    from pfe.study.spec import load_study
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    study = tmp_path / "blocked.yaml"
+    study.write_text(BLOCKED_YAML.replace("URI", uri))
+    trials = load_study(study).expand()
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("blocked")
+    tags = {"pfe.study": "blocked", "pfe.study_file": str(study)}
+    pid = client.create_run(exp, run_name="blocked", tags={**tags, "pfe.role": "study"}).info.run_id
+    stage1 = {}
+    for seed, status in ((0, "finished"), (1, "failed")):
+        key = next(t.stage1_key for t in trials if t.seed == seed)
+        s1_tags = {
+            **tags,
+            "pfe.role": "stage1",
+            "pfe.stage1_key": key,
+            "pfe.seed": str(seed),
+            "pfe.status": status,
+            "pfe.wall_s": "3600",
+            "pfe.device_kind": "cpu",
+            "pfe.shared_by": "2",
+            "mlflow.parentRunId": pid,
+        }
+        if status == "failed":  # as TrackingCallback.on_trial_error records it
+            s1_tags["pfe.error"] = "RuntimeError: CUDA out of memory"
+        stage1[seed] = client.create_run(exp, run_name=f"stage1-s{seed}", tags=s1_tags).info.run_id
+        client.set_terminated(stage1[seed], "FINISHED" if status == "finished" else "FAILED")
+    for t in trials:
+        if t.seed != 0:
+            continue
+        run_id = client.create_run(
+            exp,
+            run_name=f"{t.variant}-s0",
+            tags={
+                **tags,
+                "pfe.role": "trial",
+                "pfe.variant": t.variant,
+                "pfe.seed": "0",
+                "pfe.trial_id": t.trial_id,
+                "pfe.config_hash": t.trial_id,
+                "pfe.stage1_key": t.stage1_key,
+                "pfe.stage1_run_id": stage1[0],
+                "pfe.status": "finished",
+                "pfe.wall_s": "360",
+                "pfe.device_kind": "cpu",
+                "mlflow.parentRunId": pid,
+            },
+        ).info.run_id
+        _log(client, run_id, {"rank1": [70.0]})
+        client.set_terminated(run_id)
+
+    out = tmp_path / "out"
+    assert main(["report", str(study), "--out", str(out)]) == 0
+    table = pd.read_csv(out / "blocked" / "table.csv", index_col="row")
+    assert table.loc["ResNet50+TSAM+MFA", "status"] == "1 of 2 finished, 1 not started (stage I failed)"
+    assert table.loc["total", "status"] == "2 of 4 finished, 2 not started (stage I failed)"
+    assert "1 not started (stage I failed)" in (out / "blocked" / "table.md").read_text()
+    page = (out / "blocked" / "index.md").read_text()
+    assert (
+        f"- 2 not started (ResNet50+TSAM+MFA seed 1, ResNet50+TSAM+FA seed 1): their stage I "
+        f"(run `{stage1[1]}`, stage1-s1) failed: RuntimeError: CUDA out of memory"
+    ) in page
+    assert stage1[0] not in page.split("## Trials not finished")[1]  # the finished stage I is not blamed
+
+    from pfe.study.report.tables import status_text
+
+    assert status_text({"finished": 1}, 4, 2, "failed/incomplete") == (
+        "1 of 4 finished, 3 not started (2: stage I failed/incomplete)"
+    )

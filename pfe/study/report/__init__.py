@@ -8,7 +8,10 @@ them (tags ``pfe.role``, ``pfe.study``, ``pfe.variant``, ``pfe.status``, ``pfe.w
 
 A cell is the mean +- sample standard deviation (ddof 1) over the seeds whose trial finished,
 with their number n. Trials that failed, stopped early or are still running are counted in the
-row's ``trials`` column ("2 of 3 finished, 1 failed") and listed under the table, never dropped.
+row's ``trials`` column ("2 of 3 finished, 1 failed") and listed under the table, never dropped;
+trials the study file asks for that have no record are "not started", and where their stage-I run
+failed (or did not finish) the column says so and a line under the table names that run and its
+``pfe.error``.
 A row's cost is the sum over its trials (all of them, finished or not) of the trial's own
 stage-II wall time plus its share of the stage-I run it started from (stage-I wall time /
 ``pfe.shared_by``), as GPU-hours (times the GPU fraction) where the device is a GPU, else CPU-hours.
@@ -44,6 +47,7 @@ from pfe.study.report.records import (
 )
 from pfe.study.report.tables import (
     aggregate,
+    blocked_lines,
     delta_table,
     display_table,
     format_cost,
@@ -167,7 +171,7 @@ def write_study(
             "",
             delta_table(table, layout, deltas).to_markdown(index=False, disable_numparse=True),
         ]
-    problems = _problem_lines(frame)
+    problems = _problem_lines(frame) + blocked_lines(records)
     if problems:
         lines += ["", "## Trials not finished", "", *problems]
     if records.notes:

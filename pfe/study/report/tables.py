@@ -206,15 +206,26 @@ def label_sort_key(label: str) -> tuple:
         return (1, 0.0, label)
 
 
-def status_text(counts: dict[str, int], expected: int | None = None) -> str:
-    """ "2 of 3 finished, 1 failed" (expected counts trials not recorded as "not started")."""
+def status_text(counts: dict[str, int], expected: int | None = None, blocked: int = 0, blocking: str = "") -> str:
+    """ "2 of 3 finished, 1 failed" (expected counts trials not recorded as "not started"); ``blocked`` of
+    those were not started because their stage I ended ``blocking`` ("1 not started (stage I failed)")."""
     total = sum(counts.values())
     denom = max(total, expected or 0)
     parts = [f"{counts.get('finished', 0)} of {denom} finished"]
     parts += [f"{counts[s]} {s}" for s in STATUSES[1:] if counts.get(s)]
     if denom > total:
-        parts.append(f"{denom - total} not started")
+        missing = denom - total
+        text = f"{missing} not started"
+        if blocked:
+            text += f" (stage I {blocking})" if blocked >= missing else f" ({blocked}: stage I {blocking})"
+        parts.append(text)
     return ", ".join(parts)
+
+
+def join_statuses(statuses: Any) -> str:
+    """ "failed", "failed/incomplete": the distinct statuses in ``statuses`` (strings, "/"-joined ones too)."""
+    seen = {part for text in statuses for part in str(text).split("/") if part in STATUSES}
+    return "/".join(s for s in STATUSES if s in seen)
 
 
 def norm_label(label: Any) -> str:
@@ -226,34 +237,84 @@ def norm_label(label: Any) -> str:
         return text
 
 
-def expected_counts(records: StudyRecords) -> dict[tuple, int]:
-    """Trials the study file asks for, per normalised (row, *columns) label; {} when it cannot tell (a search)."""
+def expected_trials(records: StudyRecords) -> list[Any]:
+    """The trials the study file asks for (pfe.study.spec.Trial); [] when it cannot tell (no file, a search)."""
     spec = records.spec
     if spec is None or not hasattr(spec, "expand") or getattr(spec, "search", None):
-        return {}
-    layout = records.layout
+        return []
     try:
-        trials = spec.expand()
+        return list(spec.expand())
     except Exception:  # noqa: BLE001 - the report still works from the records alone
-        return {}
+        return []
+
+
+def trial_labels(trial: Any, layout: Layout) -> tuple[str, ...] | None:
+    """A study-file trial's normalised (row, *columns) label; None when one of its keys has no value."""
+    labels = []
+    for key in (layout.rows, *layout.columns):
+        if key == "variant":
+            value = getattr(trial, "variant", None) or "base"
+        elif key == "seed":
+            value = getattr(trial, "seed", None)
+        else:
+            axes = getattr(trial, "axes", {}) or {}
+            value = axes.get(key)
+            if value is None and getattr(trial, "cfg", None) is not None:
+                value = trial.cfg.flat().get(key)
+        if value is None:
+            return None
+        labels.append(norm_label(value))
+    return tuple(labels)
+
+
+def expected_counts(records: StudyRecords) -> dict[tuple, int]:
+    """Trials the study file asks for, per normalised (row, *columns) label; {} when it cannot tell (a search)."""
     out: dict[tuple, int] = {}
-    for t in trials:
-        labels = []
-        for key in (layout.rows, *layout.columns):
-            if key == "variant":
-                value = getattr(t, "variant", None) or "base"
-            elif key == "seed":
-                value = getattr(t, "seed", None)
-            else:
-                axes = getattr(t, "axes", {}) or {}
-                value = axes.get(key)
-                if value is None and getattr(t, "cfg", None) is not None:
-                    value = t.cfg.flat().get(key)
-            if value is None:
-                return {}
-            labels.append(norm_label(value))
-        out[tuple(labels)] = out.get(tuple(labels), 0) + 1
+    for t in expected_trials(records):
+        labels = trial_labels(t, records.layout)
+        if labels is None:
+            return {}
+        out[labels] = out.get(labels, 0) + 1
     return out
+
+
+def blocked_trials(records: StudyRecords) -> list[tuple[Any, Any]]:
+    """(trial, stage-I run) per trial the study file asks for that has no record while its stage-I run
+    (the newest with its ``pfe.stage1_key``) did not finish: the runner never starts those."""
+    recorded = {tag(r, "pfe.trial_id") or tag(r, "pfe.config_hash") for r in records.trials}
+    by_key: dict[str, Any] = {}
+    for run in sorted(records.stage1.values(), key=lambda r: r.info.start_time or 0):
+        by_key[tag(run, "pfe.stage1_key") or ""] = run
+    out = []
+    for t in expected_trials(records):
+        s1 = by_key.get(getattr(t, "stage1_key", None) or "")
+        if t.trial_id not in recorded and s1 is not None and trial_status(s1) != "finished":
+            out.append((t, s1))
+    return out
+
+
+def blocked_lines(records: StudyRecords) -> list[str]:
+    """One line per unfinished stage-I run that kept trials from starting: which, and why (``pfe.error``)."""
+    groups: dict[str, list[Any]] = {}
+    runs: dict[str, Any] = {}
+    for t, s1 in blocked_trials(records):
+        groups.setdefault(s1.info.run_id, []).append(t)
+        runs[s1.info.run_id] = s1
+    lines = []
+    for run_id, trials in groups.items():
+        s1 = runs[run_id]
+        status = trial_status(s1)
+        name = f", {s1.info.run_name}" if s1.info.run_name else ""
+        why = {"failed": "failed", "incomplete": "did not finish", "running": "is still running"}[status]
+        done, asked = as_int(tag(s1, "pfe.epochs_done")), as_int(tag(s1, "pfe.epochs_asked"))
+        if status == "incomplete" and done is not None and asked:
+            why += f" ({done} of {asked} epochs)"
+        error = " ".join(line.strip() for line in (tag(s1, "pfe.error") or "").splitlines() if line.strip())
+        if error:
+            why += f": {error[:500]}"
+        names = ", ".join(f"{t.label} seed {t.seed}" for t in trials)
+        lines.append(f"- {len(trials)} not started ({names}): their stage I (run `{run_id}`{name}) {why}")
+    return lines
 
 
 def _order_key(records: StudyRecords, key: str, seen: Sequence[str] = ()) -> Any:
@@ -278,6 +339,17 @@ def aggregate(records: StudyRecords, frame: pd.DataFrame, reference: dict[str, A
     col_keys = [f"col{i}" for i in range(len(layout.columns))]
     group_keys = ["row", *col_keys]
     expected = expected_counts(records)
+    blocked: dict[tuple, list[str]] = {}  # label -> the stage-I status of each trial it kept from starting
+    for trial, s1 in blocked_trials(records):
+        labels = trial_labels(trial, layout)
+        if labels is not None:
+            blocked.setdefault(labels, []).append(trial_status(s1))
+
+    def blocked_columns(key: tuple, n_recorded: int, n_expected: int | None) -> dict[str, Any]:
+        why = blocked.get(key, [])
+        n = min(len(why), max((n_expected or 0) - n_recorded, 0))
+        return {"blocked_by_stage1": n, "blocking_stage1": join_statuses(why) if n else ""}
+
     out = []
     if not frame.empty:
         grouped = frame.groupby(group_keys, sort=False, dropna=False)
@@ -305,7 +377,8 @@ def aggregate(records: StudyRecords, frame: pd.DataFrame, reference: dict[str, A
                 rec[s] = int(counts.get(s, 0))
             rec["trials"] = int(len(group))
             rec["expected"] = expected.get(tuple(norm_label(k) for k in key))
-            rec["status"] = status_text(counts, rec["expected"])
+            rec.update(blocked_columns(tuple(norm_label(k) for k in key), rec["trials"], rec["expected"]))
+            rec["status"] = status_text(counts, rec["expected"], rec["blocked_by_stage1"], rec["blocking_stage1"])
             rec["paper_note"] = "derived" if paper.get("derived") else ""
             rec["gpu_h"] = float(group["gpu_h"].sum())
             rec["cpu_h"] = float(group["cpu_h"].sum())
@@ -328,12 +401,19 @@ def aggregate(records: StudyRecords, frame: pd.DataFrame, reference: dict[str, A
                     }
                 )
             rec.update({s: 0 for s in STATUSES})
-            rec.update(trials=0, expected=n, status=status_text({}, n), paper_note="", gpu_h=0.0, cpu_h=0.0)
+            rec.update(trials=0, expected=n, **blocked_columns(key, 0, n))
+            rec.update(
+                status=status_text({}, n, rec["blocked_by_stage1"], rec["blocking_stage1"]),
+                paper_note="",
+                gpu_h=0.0,
+                cpu_h=0.0,
+            )
             out.append(rec)
     columns = ["row", *layout.columns]
     for value in layout.values:
         columns += [f"{value}_{s}" for s in ("mean", "std", "n", "paper", "diff")]
-    columns += [*STATUSES, "trials", "expected", "status", "paper_note", "gpu_h", "cpu_h"]
+    columns += [*STATUSES, "trials", "expected", "blocked_by_stage1", "blocking_stage1", "status"]
+    columns += ["paper_note", "gpu_h", "cpu_h"]
     table = pd.DataFrame(out, columns=columns)
     if not table.empty:
         keys = {"row": _order_key(records, layout.rows, list(frame["row"]) if not frame.empty else [])}
@@ -357,10 +437,11 @@ def aggregate(records: StudyRecords, frame: pd.DataFrame, reference: dict[str, A
             }
         )
     total.update({s: int(counts.get(s, 0)) for s in STATUSES})
+    total.update(trials=int(len(frame)), expected=expected_total)
+    total.update(blocked_by_stage1=int(table["blocked_by_stage1"].sum()))
+    total.update(blocking_stage1=join_statuses(table["blocking_stage1"]))
     total.update(
-        trials=int(len(frame)),
-        expected=expected_total,
-        status=status_text(counts, expected_total),
+        status=status_text(counts, expected_total, total["blocked_by_stage1"], total["blocking_stage1"]),
         paper_note="",
         gpu_h=float(frame["gpu_h"].sum() if not frame.empty else 0.0) + extra_gpu,
         cpu_h=float(frame["cpu_h"].sum() if not frame.empty else 0.0) + extra_cpu,
@@ -461,7 +542,12 @@ def display_table(table: pd.DataFrame, layout: Layout) -> pd.DataFrame:
             line[n_header] = ", ".join(ns)
             counts = {s: int(sub[s].sum()) for s in STATUSES}
             exp = sub["expected"].dropna()
-            line["trials"] = status_text(counts, int(exp.sum()) if len(exp) else None)
+            line["trials"] = status_text(
+                counts,
+                int(exp.sum()) if len(exp) else None,
+                int(sub["blocked_by_stage1"].sum()),
+                join_statuses(sub["blocking_stage1"]),
+            )
             line["cost"] = format_cost(float(sub["gpu_h"].sum()), float(sub["cpu_h"].sum()))
             lines.append(line)
     frame = pd.DataFrame(lines)
