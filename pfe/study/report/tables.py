@@ -333,11 +333,27 @@ def _order_key(records: StudyRecords, key: str, seen: Sequence[str] = ()) -> Any
     return lambda label: (rank.get(norm_label(label), len(rank)), label_sort_key(str(label)))
 
 
+def _paper_columns(reference: dict[str, Any], layout: Layout, key: tuple, variants: Sequence[str]) -> dict[str, Any]:
+    """One table row's ``<value>_paper`` numbers and ``paper_note`` ("derived" or "")."""
+    if layout.columns:  # pivoted: only "<row> / <column>" names one cell of the paper's table
+        labels = [" / ".join(str(k) for k in key)]
+    else:
+        labels = [str(key[0])] + (list(variants) if len(variants) == 1 else [])
+    paper = paper_values(reference, layout.paper, labels)
+    out = {f"{v}_paper": float(paper[v]) if isinstance(paper.get(v), (int, float)) else math.nan for v in layout.values}
+    return {**out, "paper_note": "derived" if paper.get("derived") else ""}
+
+
 def aggregate(records: StudyRecords, frame: pd.DataFrame, reference: dict[str, Any]) -> pd.DataFrame:
     """One row per (row, *column) label: mean, std, n, paper, diff per value; status counts; cost."""
     layout = records.layout
     col_keys = [f"col{i}" for i in range(len(layout.columns))]
-    group_keys = ["row", *col_keys]
+    keys = ["row", *col_keys]
+    columns = ["row", *layout.columns]
+    for value in layout.values:
+        columns += [f"{value}_{s}" for s in ("mean", "std", "n", "paper", "diff")]
+    columns += [*STATUSES, "trials", "expected", "blocked_by_stage1", "blocking_stage1", "status"]
+    columns += ["paper_note", "gpu_h", "cpu_h"]
     expected = expected_counts(records)
     blocked: dict[tuple, list[str]] = {}  # label -> the stage-I status of each trial it kept from starting
     for trial, s1 in blocked_trials(records):
@@ -345,106 +361,64 @@ def aggregate(records: StudyRecords, frame: pd.DataFrame, reference: dict[str, A
         if labels is not None:
             blocked.setdefault(labels, []).append(trial_status(s1))
 
-    def blocked_columns(key: tuple, n_recorded: int, n_expected: int | None) -> dict[str, Any]:
-        why = blocked.get(key, [])
-        n = min(len(why), max((n_expected or 0) - n_recorded, 0))
-        return {"blocked_by_stage1": n, "blocking_stage1": join_statuses(why) if n else ""}
+    # a label the study asks for that has no record joins as an empty placeholder, so it still gets a row (n = 0)
+    recorded = {tuple(map(norm_label, k)) for k in frame[keys].itertuples(index=False, name=None)}
+    placeholders = pd.DataFrame([k for k in expected if k not in recorded], columns=keys).reindex(columns=frame.columns)
+    parts = [t for t in (frame.assign(trials=1), placeholders.assign(trials=0, gpu_h=0.0, cpu_h=0.0)) if len(t)]
+    if parts:
+        trials = pd.concat(parts, ignore_index=True)
+        groups = trials.assign(**{s: trials["status"] == s for s in STATUSES}).groupby(keys, sort=False, dropna=False)
+        # pd.Series.mean/std/sum, not "mean"/"std"/"sum": the grouped kernels round the last digit differently
+        stats = groups[layout.values].agg([pd.Series.mean, pd.Series.std, "count"])
+        stats.columns = [f"{v}_{'n' if s == 'count' else s}" for v, s in stats.columns]
+        sums = groups[[*STATUSES, "trials", "gpu_h", "cpu_h"]].agg(pd.Series.sum)
+        variants = groups["variant"].agg(lambda v: list(dict.fromkeys(v.dropna()))).rename("variants")
+        table = pd.concat([stats, sums, variants], axis=1).reset_index()
 
-    out = []
-    if not frame.empty:
-        grouped = frame.groupby(group_keys, sort=False, dropna=False)
-        for key, group in grouped:
-            key = key if isinstance(key, tuple) else (key,)
-            rec: dict[str, Any] = {"row": key[0]}
-            for i, col in enumerate(layout.columns):
-                rec[col] = key[1 + i]
-            variants = list(dict.fromkeys(group["variant"]))
-            if layout.columns:  # pivoted: only "<row> / <column>" names one cell of the paper's table
-                labels = [" / ".join(str(k) for k in key)]
-            else:
-                labels = [str(key[0])] + (variants if len(variants) == 1 else [])
-            paper = paper_values(reference, layout.paper, labels)
-            for value in layout.values:
-                series = group[value].dropna()
-                rec[f"{value}_mean"] = series.mean() if len(series) else math.nan
-                rec[f"{value}_std"] = series.std(ddof=1) if len(series) > 1 else math.nan
-                rec[f"{value}_n"] = int(len(series))
-                ref = paper.get(value)
-                rec[f"{value}_paper"] = float(ref) if isinstance(ref, (int, float)) else math.nan
-                rec[f"{value}_diff"] = rec[f"{value}_mean"] - rec[f"{value}_paper"]
-            counts = group["status"].value_counts().to_dict()
-            for s in STATUSES:
-                rec[s] = int(counts.get(s, 0))
-            rec["trials"] = int(len(group))
-            rec["expected"] = expected.get(tuple(norm_label(k) for k in key))
-            rec.update(blocked_columns(tuple(norm_label(k) for k in key), rec["trials"], rec["expected"]))
-            rec["status"] = status_text(counts, rec["expected"], rec["blocked_by_stage1"], rec["blocking_stage1"])
-            rec["paper_note"] = "derived" if paper.get("derived") else ""
-            rec["gpu_h"] = float(group["gpu_h"].sum())
-            rec["cpu_h"] = float(group["cpu_h"].sum())
-            out.append(rec)
-    # rows the study asks for but that have no record at all
-    recorded = {tuple(norm_label(r.get(k, "")) for k in ("row", *layout.columns)) for r in out}
-    for key, n in expected.items():
-        if key not in recorded:
-            rec = {"row": key[0], **{c: key[1 + i] for i, c in enumerate(layout.columns)}}
-            paper = paper_values(reference, layout.paper, [" / ".join(key)])
-            for value in layout.values:
-                ref = paper.get(value)
-                rec.update(
-                    {
-                        f"{value}_mean": math.nan,
-                        f"{value}_std": math.nan,
-                        f"{value}_n": 0,
-                        f"{value}_paper": float(ref) if isinstance(ref, (int, float)) else math.nan,
-                        f"{value}_diff": math.nan,
-                    }
-                )
-            rec.update({s: 0 for s in STATUSES})
-            rec.update(trials=0, expected=n, **blocked_columns(key, 0, n))
-            rec.update(
-                status=status_text({}, n, rec["blocked_by_stage1"], rec["blocking_stage1"]),
-                paper_note="",
-                gpu_h=0.0,
-                cpu_h=0.0,
-            )
-            out.append(rec)
-    columns = ["row", *layout.columns]
-    for value in layout.values:
-        columns += [f"{value}_{s}" for s in ("mean", "std", "n", "paper", "diff")]
-    columns += [*STATUSES, "trials", "expected", "blocked_by_stage1", "blocking_stage1", "status"]
-    columns += ["paper_note", "gpu_h", "cpu_h"]
-    table = pd.DataFrame(out, columns=columns)
-    if not table.empty:
-        keys = {"row": _order_key(records, layout.rows, list(frame["row"]) if not frame.empty else [])}
-        keys.update({c: _order_key(records, c) for c in layout.columns})
+        key_tuples = list(table[keys].itertuples(index=False, name=None))
+        paper = [_paper_columns(reference, layout, k, v) for k, v in zip(key_tuples, table["variants"])]
+        table = table.join(pd.DataFrame(paper, index=table.index))
+        table["paper_note"] = table["paper_note"].where(table["trials"] > 0, "")  # placeholders: no note
+        for value in layout.values:
+            table[f"{value}_diff"] = table[f"{value}_mean"] - table[f"{value}_paper"]
+
+        norm_keys = [tuple(map(norm_label, k)) for k in key_tuples]
+        n_expected = [expected.get(k) for k in norm_keys]
+        why = [blocked.get(k, []) for k in norm_keys]
+        n_blocked = [min(len(w), max((n or 0) - t, 0)) for w, n, t in zip(why, n_expected, table["trials"])]
+        blocking = [join_statuses(w) if b else "" for w, b in zip(why, n_blocked)]
+        counts = [dict(zip(STATUSES, c)) for c in table[list(STATUSES)].itertuples(index=False, name=None)]
+        table["expected"], table["blocked_by_stage1"], table["blocking_stage1"] = n_expected, n_blocked, blocking
+        table["status"] = list(map(status_text, counts, n_expected, n_blocked, blocking))
+        table = table.rename(columns=dict(zip(col_keys, layout.columns)))[columns]
+        order = {"row": _order_key(records, layout.rows, list(frame["row"]))}
+        order.update({c: _order_key(records, c) for c in layout.columns})
         table = table.sort_values(
-            ["row", *layout.columns], key=lambda col: col.map(keys[col.name]), kind="stable"
+            ["row", *layout.columns], key=lambda col: col.map(order[col.name]), kind="stable"
         ).reset_index(drop=True)
+    else:
+        table = pd.DataFrame(columns=columns)
+
     # the table's total: all trials, plus stage-I runs no recorded trial accounts for
     extra_gpu, extra_cpu = unattributed_stage1(records)
-    counts = frame["status"].value_counts().to_dict() if not frame.empty else {}
+    counts = frame["status"].value_counts().to_dict()
     expected_total = sum(expected.values()) if expected else None
-    total = {"row": "total", **{c: "" for c in layout.columns}}
+    total: dict[str, Any] = {"row": "total", **{c: "" for c in layout.columns}}
     for value in layout.values:
-        total.update(
-            {
-                f"{value}_mean": math.nan,
-                f"{value}_std": math.nan,
-                f"{value}_n": int(frame[value].notna().sum()) if not frame.empty else 0,
-                f"{value}_paper": math.nan,
-                f"{value}_diff": math.nan,
-            }
-        )
+        total.update({f"{value}_{s}": math.nan for s in ("mean", "std", "paper", "diff")})
+        total[f"{value}_n"] = int(frame[value].notna().sum())
     total.update({s: int(counts.get(s, 0)) for s in STATUSES})
-    total.update(trials=int(len(frame)), expected=expected_total)
-    total.update(blocked_by_stage1=int(table["blocked_by_stage1"].sum()))
-    total.update(blocking_stage1=join_statuses(table["blocking_stage1"]))
+    total.update(
+        trials=len(frame),
+        expected=expected_total,
+        blocked_by_stage1=int(table["blocked_by_stage1"].sum()),
+        blocking_stage1=join_statuses(table["blocking_stage1"]),
+    )
     total.update(
         status=status_text(counts, expected_total, total["blocked_by_stage1"], total["blocking_stage1"]),
         paper_note="",
-        gpu_h=float(frame["gpu_h"].sum() if not frame.empty else 0.0) + extra_gpu,
-        cpu_h=float(frame["cpu_h"].sum() if not frame.empty else 0.0) + extra_cpu,
+        gpu_h=float(frame["gpu_h"].sum()) + extra_gpu,
+        cpu_h=float(frame["cpu_h"].sum()) + extra_cpu,
     )
     return pd.concat([table, pd.DataFrame([total], columns=columns)], ignore_index=True)
 
@@ -481,74 +455,52 @@ def metric_label(key: str) -> str:
 
 def display_table(table: pd.DataFrame, layout: Layout) -> pd.DataFrame:
     """The table as a person reads it: one line per row label, formatted cells, cost, trials."""
-    row_name = "variant" if layout.rows == "variant" else layout.rows
-    lines = []
+    row_name = layout.rows
     body, total = table.iloc[:-1], table.iloc[-1]
-    col_names = layout.columns
 
-    def paper_columns(sub: pd.DataFrame) -> dict[str, bool]:
-        return {v: bool(sub[f"{v}_paper"].notna().any()) for v in layout.values}
+    def has_paper(rows: pd.DataFrame) -> dict[str, bool]:
+        return {v: bool(rows[f"{v}_paper"].notna().any()) for v in layout.values}
 
-    def cells(sub: pd.DataFrame, prefix: str, has_paper: dict[str, bool]) -> dict[str, str]:
+    def cells(r: pd.Series, prefix: str, paper_shown: dict[str, bool]) -> dict[str, str]:
+        """One row's formatted values (a row of NaNs with n = 0 reads "–"), and the paper's where shown."""
         out: dict[str, str] = {}
-        r = sub.iloc[0] if len(sub) else None
         for v in layout.values:
             name = metric_label(v)
-            if r is None:
-                out[prefix + name] = "–"
-            else:
-                out[prefix + name] = format_cell(r[f"{v}_mean"], r[f"{v}_std"], int(r[f"{v}_n"]))
-            if has_paper[v]:
-                paper = r[f"{v}_paper"] if r is not None else math.nan
-                diff = r[f"{v}_diff"] if r is not None else math.nan
-                mark = "*" if r is not None and r["paper_note"] else ""
+            out[prefix + name] = format_cell(r[f"{v}_mean"], r[f"{v}_std"], int(r[f"{v}_n"]))
+            if paper_shown[v]:
+                paper, diff, mark = r[f"{v}_paper"], r[f"{v}_diff"], "*" if r["paper_note"] else ""
                 out[prefix + f"paper {name}"] = "" if math.isnan(paper) else f"{paper:.1f}{mark}"
                 out[prefix + f"Δ {name}"] = "" if math.isnan(diff) else f"{diff:+.2f}"
         return out
 
-    if not col_names:
+    lines = []
+    if not layout.columns:
+        paper_shown = has_paper(body)
         for _, r in body.iterrows():
-            line = {row_name: r["row"]}
-            line.update(cells(body.loc[[_]], "", paper_columns(body)))
             ns = [int(r[f"{v}_n"]) for v in layout.values]
-            line["n"] = str(min(ns)) if ns else ""
-            line["trials"] = r["status"]
-            line["cost"] = format_cost(r["gpu_h"], r["cpu_h"])
-            lines.append(line)
+            line = {row_name: r["row"], **cells(r, "", paper_shown), "n": str(min(ns)) if ns else ""}
+            lines.append({**line, "trials": r["status"], "cost": format_cost(r["gpu_h"], r["cpu_h"])})
     else:
-        combos = list(dict.fromkeys(tuple(r[c] for c in col_names) for _, r in body.iterrows()))
-        combo_paper = {}
-        for combo in combos:
-            match = body
-            for c, val in zip(col_names, combo):
-                match = match[match[c] == val]
-            combo_paper[combo] = paper_columns(match)
+        combos = list(dict.fromkeys(body[layout.columns].itertuples(index=False, name=None)))
+        paper_shown = {combo: has_paper(rows) for combo, rows in body.groupby(layout.columns, sort=False)}
         n_header = "n (" + ", ".join("/".join(str(v) for v in combo) for combo in combos) + ")"
-        for label in dict.fromkeys(body["row"]):
-            sub = body[body["row"] == label]
+        n_cols = [f"{v}_n" for v in layout.values]
+        combo_frame = pd.DataFrame(combos, columns=layout.columns)
+        for label, rows in body.groupby("row", sort=False):
+            # one row per column combination, in the table's order; a combination without a row: NaNs, n = 0
+            by_combo = combo_frame.merge(rows, on=layout.columns, how="left").fillna(dict.fromkeys(n_cols, 0))
             line = {row_name: label}
-            for combo in combos:
-                match = sub
-                for c, val in zip(col_names, combo):
-                    match = match[match[c] == val]
-                prefix = ", ".join(f"{val}" for val in combo) + ": "
-                line.update(cells(match, prefix, combo_paper[combo]))
-            ns = []
-            for combo in combos:
-                match = sub
-                for c, val in zip(col_names, combo):
-                    match = match[match[c] == val]
-                ns.append(str(int(match[f"{layout.values[0]}_n"].iloc[0])) if len(match) else "0")
-            line[n_header] = ", ".join(ns)
-            counts = {s: int(sub[s].sum()) for s in STATUSES}
-            exp = sub["expected"].dropna()
+            for combo, (_, r) in zip(combos, by_combo.iterrows()):
+                line.update(cells(r, ", ".join(str(val) for val in combo) + ": ", paper_shown[combo]))
+            line[n_header] = ", ".join(str(int(n)) for n in by_combo[n_cols[0]])
+            expected = rows["expected"].dropna()
             line["trials"] = status_text(
-                counts,
-                int(exp.sum()) if len(exp) else None,
-                int(sub["blocked_by_stage1"].sum()),
-                join_statuses(sub["blocking_stage1"]),
+                rows[list(STATUSES)].sum().to_dict(),
+                int(expected.sum()) if len(expected) else None,
+                int(rows["blocked_by_stage1"].sum()),
+                join_statuses(rows["blocking_stage1"]),
             )
-            line["cost"] = format_cost(float(sub["gpu_h"].sum()), float(sub["cpu_h"].sum()))
+            line["cost"] = format_cost(float(rows["gpu_h"].sum()), float(rows["cpu_h"].sum()))
             lines.append(line)
     frame = pd.DataFrame(lines)
     total_line = {c: "" for c in frame.columns} if len(frame.columns) else {}
