@@ -479,7 +479,7 @@ def test_report_pivot_order_deltas_and_plots(tmp_path: Path, monkeypatch: pytest
 
 def test_paper_reference_rows_match_the_study_files() -> None:
     """Every row and stated difference of reports/paper_reference.yaml names a cell its study file produces."""
-    from pfe.study.report.records import Layout, StudyRecords
+    from pfe.study.report.records import StudyRecords, layout_from_spec
     from pfe.study.report.tables import expected_counts, load_reference, norm_label
     from pfe.study.spec import load_study
 
@@ -493,7 +493,7 @@ def test_paper_reference_rows_match_the_study_files() -> None:
         if not table:
             continue
         assert table in reference, f"{path.name}: report.paper {table!r} is not in paper_reference.yaml"
-        records = StudyRecords(spec.name, "", "", Layout.from_spec(spec.report, spec.name), None, [], {}, spec=spec)
+        records = StudyRecords(spec.name, "", "", layout_from_spec(spec.report, spec.name), None, [], {}, spec=spec)
         labels = {" / ".join(key) for key in expected_counts(records)}
         entry = reference[table]
         for label in entry.get("rows") or {}:
@@ -590,3 +590,17 @@ def test_report_names_the_failed_stage_i_of_trials_not_started(tmp_path: Path, m
     assert status_text({"finished": 1}, 4, 2, "failed/incomplete") == (
         "1 of 4 finished, 3 not started (2: stage I failed/incomplete)"
     )
+
+
+def test_layout_is_the_study_files_report_section() -> None:
+    """records.layout_from_spec gives spec.ReportLayout (its fields and defaults), titled with the study's name
+    when untitled; a mapping an older run stored is read leniently."""
+    from pfe.study.report.records import layout_from_spec
+    from pfe.study.spec import ReportLayout
+
+    assert layout_from_spec(None, "toy") == ReportLayout(title="toy")
+    spec_layout = ReportLayout(rows="model.alpha", values=["mAP"], plot="line")
+    assert layout_from_spec(spec_layout, "alpha") == spec_layout.model_copy(update={"title": "alpha"})
+    assert layout_from_spec(ReportLayout(title="Fig. 7"), "alpha").title == "Fig. 7"
+    old = {"title": "", "rows": "stage2.loss", "columns": "model.side", "values": [], "plot": "bars", "legend": 1}
+    assert layout_from_spec(old, "grid") == ReportLayout(title="grid", rows="stage2.loss", columns=["model.side"])

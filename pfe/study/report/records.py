@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from pydantic import ValidationError
 
 from pfe.config import FINAL_SET
 from pfe.errors import PFEError
+from pfe.study.spec import ReportLayout
 from pfe.study.uris import check_reachable, check_sqlite_file, default_tracking_uri, open_client, sqlite_path
 
 SINGLE_SETS = ("F2", "F3", "F4", "F5")  # Fig. 8 (a)
@@ -32,32 +34,33 @@ MLFLOW_STATUS = {
 # ---------------------------------------------------------------------------------------------
 # what a table shows
 # ---------------------------------------------------------------------------------------------
-@dataclass
-class Layout:
-    """A study's ``report:`` section (pfe.study.spec.ReportLayout), with defaults."""
+def layout_from_spec(report: Any, name: str) -> ReportLayout:
+    """A study's ``report:`` section as a :class:`~pfe.study.spec.ReportLayout`, titled ``name`` when it has no title.
 
-    title: str
-    rows: str = "variant"
-    columns: list[str] = field(default_factory=list)
-    values: list[str] = field(default_factory=lambda: ["rank1", "mAP"])
-    paper: str | None = None
-    plot: str = "none"
-
-    @classmethod
-    def from_spec(cls, report: Any, name: str) -> Layout:
-        if report is None:
-            return cls(title=name)
-        get = report.get if isinstance(report, dict) else lambda k, d=None: getattr(report, k, d)
-        columns = get("columns") or []
-        values = get("values") or ["rank1", "mAP"]
-        return cls(
-            title=str(get("title") or name),
-            rows=str(get("rows") or "variant"),
-            columns=[str(c) for c in ([columns] if isinstance(columns, str) else columns)],
-            values=[str(v) for v in ([values] if isinstance(values, str) else values)],
-            paper=get("paper") or None,
-            plot=str(get("plot") or "none"),
-        )
+    ``report`` is the study file's ReportLayout, None (the defaults) or a mapping, read leniently as an
+    older run may have stored it: unknown keys dropped, empty values and fields that no longer validate at
+    their defaults, a single column or value as a one-item list.
+    """
+    if report is None:
+        raw: dict[str, Any] = {}
+    elif isinstance(report, dict):
+        raw = report
+    else:
+        raw = {key: getattr(report, key, None) for key in ReportLayout.model_fields}
+    data: dict[str, Any] = {"title": name}
+    for key in ReportLayout.model_fields:
+        value = raw.get(key)
+        if key in ("columns", "values") and value:
+            value = [str(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+        elif value:
+            value = str(value)
+        if value:
+            data[key] = value
+    try:
+        return ReportLayout.model_validate(data)
+    except ValidationError as err:
+        invalid = {e["loc"][0] for e in err.errors() if e["loc"]}
+        return ReportLayout.model_validate({k: v for k, v in data.items() if k not in invalid})
 
 
 @dataclass
@@ -67,7 +70,7 @@ class StudyRecords:
     name: str
     tracking_uri: str
     experiment_id: str
-    layout: Layout
+    layout: ReportLayout
     parent: Any | None  # mlflow Run with pfe.role=study (the newest, if several)
     trials: list[Any]  # trial runs (newest per variant x seed x config hash)
     stage1: dict[str, Any]  # run id -> stage-I run
@@ -179,12 +182,9 @@ def collect_study(
                     f"stage-I run {sid} named by trial {r.info.run_id} is not in the store: its cost is missing."
                 )
                 stage1[sid] = None
-    if spec is not None:
-        layout = Layout.from_spec(spec_attr(spec, "report"), name)
-    else:
-        layout = Layout(title=name)
-        if study_file:
-            notes.append(f"study file {study_file} not readable here: default layout (variants x rank-1, mAP).")
+    layout = layout_from_spec(spec_attr(spec, "report"), name)
+    if spec is None and study_file:
+        notes.append(f"study file {study_file} not readable here: default layout (variants x rank-1, mAP).")
     return StudyRecords(
         name=name,
         tracking_uri=uri,

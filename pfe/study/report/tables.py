@@ -15,7 +15,6 @@ import yaml
 from pfe.errors import ConfigError
 from pfe.study.report.records import (
     STATUSES,
-    Layout,
     StudyRecords,
     as_float,
     as_int,
@@ -23,6 +22,7 @@ from pfe.study.report.records import (
     tag,
     trial_status,
 )
+from pfe.study.spec import ReportLayout
 
 METRIC_NAMES = {"rank1": "rank-1", "rank5": "rank-5", "rank10": "rank-10"}
 REFERENCE_FILE = Path("reports") / "paper_reference.yaml"
@@ -163,7 +163,7 @@ def paper_deltas(reference: dict[str, Any], table: str | None) -> list[dict[str,
     return [d for d in (reference[table].get("deltas") or []) if isinstance(d, dict) and "plus" in d and "minus" in d]
 
 
-def delta_table(table: pd.DataFrame, layout: Layout, deltas: list[dict[str, Any]]) -> pd.DataFrame:
+def delta_table(table: pd.DataFrame, layout: ReportLayout, deltas: list[dict[str, Any]]) -> pd.DataFrame:
     """The paper's stated differences beside this study's (plus - minus of the means)."""
     body = table.iloc[:-1]
     means = {}
@@ -191,7 +191,7 @@ def delta_table(table: pd.DataFrame, layout: Layout, deltas: list[dict[str, Any]
     return pd.DataFrame(lines, columns=["difference", "metric", "paper", "here", "source"])
 
 
-def _group_label(rec: Any, layout: Layout) -> str:
+def _group_label(rec: Any, layout: ReportLayout) -> str:
     """A table row's label as the reference file keys it: the row, or "<row> / <column> ..." when pivoted."""
     return " / ".join(str(rec[k]) for k in ["row", *layout.columns])
 
@@ -248,7 +248,7 @@ def expected_trials(records: StudyRecords) -> list[Any]:
         return []
 
 
-def trial_labels(trial: Any, layout: Layout) -> tuple[str, ...] | None:
+def trial_labels(trial: Any, layout: ReportLayout) -> tuple[str, ...] | None:
     """A study-file trial's normalised (row, *columns) label; None when one of its keys has no value."""
     labels = []
     for key in (layout.rows, *layout.columns):
@@ -333,7 +333,9 @@ def _order_key(records: StudyRecords, key: str, seen: Sequence[str] = ()) -> Any
     return lambda label: (rank.get(norm_label(label), len(rank)), label_sort_key(str(label)))
 
 
-def _paper_columns(reference: dict[str, Any], layout: Layout, key: tuple, variants: Sequence[str]) -> dict[str, Any]:
+def _paper_columns(
+    reference: dict[str, Any], layout: ReportLayout, key: tuple, variants: Sequence[str]
+) -> dict[str, Any]:
     """One table row's ``<value>_paper`` numbers and ``paper_note`` ("derived" or "")."""
     if layout.columns:  # pivoted: only "<row> / <column>" names one cell of the paper's table
         labels = [" / ".join(str(k) for k in key)]
@@ -453,7 +455,7 @@ def metric_label(key: str) -> str:
     return METRIC_NAMES.get(key, key)
 
 
-def display_table(table: pd.DataFrame, layout: Layout) -> pd.DataFrame:
+def display_table(table: pd.DataFrame, layout: ReportLayout) -> pd.DataFrame:
     """The table as a person reads it: one line per row label, formatted cells, cost, trials."""
     row_name = layout.rows
     body, total = table.iloc[:-1], table.iloc[-1]
@@ -510,7 +512,7 @@ def display_table(table: pd.DataFrame, layout: Layout) -> pd.DataFrame:
     return pd.concat([frame, pd.DataFrame([total_line])], ignore_index=True).fillna("")
 
 
-def to_latex(display: pd.DataFrame, layout: Layout, label: str) -> str:
+def to_latex(display: pd.DataFrame, layout: ReportLayout, label: str) -> str:
     """Booktabs LaTeX through pandas' Styler."""
     styler = display.style.hide(axis="index").format(escape="latex").format_index(escape="latex", axis=1)
     caption = layout.title.replace("_", r"\_").replace("%", r"\%").replace("&", r"\&")
