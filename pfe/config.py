@@ -23,6 +23,7 @@ Backbone = Literal["resnet18", "resnet50", "resnet101", "resnext101_32x8d", "den
 Attention = Literal["none", "seb", "fab", "tsam"]
 Side = Literal["none", "side", "fa", "mfa"]
 SideLoss = Literal["independent", "uniform", "cascade"]
+Cuhk03Split = Literal["detected", "labeled"]
 
 LAYERS = ("F2", "F3", "F4", "F5")
 DEFAULT_EVAL_SETS = ("F2", "F3", "F4", "F5", "F4_F5", "F3_F4_F5", "F2_F3_F4_F5")
@@ -61,7 +62,7 @@ class DataConfig(_Section):
 
     dataset: Dataset = "market1501"
     root: str | None = Field(None, description="data root; default: $PFE_DATA, else ./data")
-    cuhk03_split: Literal["detected", "labeled"] = "detected"
+    cuhk03_split: Cuhk03Split = "detected"
     msmt_version: Literal["v1", "v2"] = "v2"
     # The paper trains MSMT17 on 32,621 images (Sec. V-A): the official train + val lists. torchreid and
     # fast-reid add val only with `combineall`; set False to match their 30,248-image default.

@@ -26,14 +26,15 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 from PIL import Image
 
+from pfe.config import Cuhk03Split
 from pfe.errors import DataError
 
-CUHK03_SPLITS = ("detected", "labeled")
+CUHK03_SPLITS = get_args(Cuhk03Split)  # "detected", "labeled"
 MAT_NAME = "cuhk-03.mat"
 PROTOCOL_NAME = "cuhk03_new_protocol_config_{split}.mat"
 FOLDERS = {"train_idx": "bounding_box_train", "query_idx": "query", "gallery_idx": "bounding_box_test"}

@@ -26,9 +26,9 @@ import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, get_args
 
-from pfe.config import DataConfig
+from pfe.config import Cuhk03Split, DataConfig
 from pfe.errors import DataError
 
 SPLITS = ("train", "query", "gallery")
@@ -257,8 +257,8 @@ def _load_duke(root: Path) -> ReIDDataset:
 
 
 def _load_cuhk03np(root: Path, split: str = "detected") -> ReIDDataset:
-    if split not in ("detected", "labeled"):
-        raise DataError(f"cuhk03np: data.cuhk03_split must be 'detected' or 'labeled', got {split!r}")
+    if split not in get_args(Cuhk03Split):
+        raise DataError(f"cuhk03np: data.cuhk03_split must be one of {', '.join(get_args(Cuhk03Split))}, got {split!r}")
     candidates = [root / "cuhk03-np" / split, root / split, root / "cuhk03np" / split, root]
     folder, tried = _find(root, candidates, _has_dirs(*MARKET_DIRS))
     if folder is None:

@@ -5,9 +5,13 @@ Each block is applied to the output of layers 2..5 and the next layer consumes i
 
 from __future__ import annotations
 
+from typing import get_args
+
 from torch import Tensor, nn
 
-ATTENTIONS = ("none", "seb", "fab", "tsam")
+from pfe.config import Attention
+
+ATTENTIONS = get_args(Attention)  # "none", "seb", "fab", "tsam"
 
 
 def _hidden(channels: int, reduction: int) -> int:

@@ -20,17 +20,18 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from torch import Tensor, nn
 
+from pfe.config import SideLoss
 from pfe.model.attention import ATTENTIONS, build_attention
 from pfe.model.backbones import build_backbone
 from pfe.model.frozen import FROZEN_MAIN, FrozenMainBranch, compiled, main_branch_maps
 from pfe.model.side import SIDE_LAYERS, SIDES, SideBranches, SideOutput
 
-SIDE_LOSSES = ("independent", "uniform", "cascade")
+SIDE_LOSSES = get_args(SideLoss)  # "independent", "uniform", "cascade"
 COMPILE = ("off", "regions", "all")
 
 

@@ -13,12 +13,15 @@ propagated map (Eq. 13); T^_s the augmented map (Eq. 10); F_s = GAP(CONV(T^_s)) 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-SIDES = ("none", "side", "fa", "mfa")
+from pfe.config import Side
+
+SIDES = get_args(Side)  # "none", "side", "fa", "mfa"
 SIDE_LAYERS = (2, 3, 4)
 EPS = 1e-6
 

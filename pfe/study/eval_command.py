@@ -122,7 +122,13 @@ def log_to_mlflow(report: Any, target: dict[str, str], pictures: list[Path] | No
 def cli_eval(args: argparse.Namespace) -> int:
     """`pfe-study eval CHECKPOINT --dataset NAME [--root DIR] [--sets ...] [--export F.npz] [--rerank]
     [--log-mlflow] [--pictures DIR]`."""
-    from pfe.engine.eval_checkpoint import describe, evaluate_checkpoint, export_features, format_table, write_report_pictures
+    from pfe.engine.eval_checkpoint import (
+        describe,
+        evaluate_checkpoint,
+        export_features,
+        format_table,
+        write_report_pictures,
+    )
 
     export, pictures_dir = getattr(args, "export", None), getattr(args, "pictures", None)
     check_outputs(export, pictures_dir)
